@@ -1,0 +1,5 @@
+import sys
+
+from varejax.cli import main
+
+sys.exit(main())

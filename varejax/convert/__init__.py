@@ -1,0 +1,1 @@
+"""Checkpoint conversion from upstream PyTorch files: safe readers, strict key tables, CLI."""

@@ -1,0 +1,1 @@
+"""Model definitions: the Infinity transformer, its configuration, schedules and rope."""

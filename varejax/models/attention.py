@@ -1,0 +1,57 @@
+"""Attention: one function with swappable kernels, and the masks of the VAR sequence.
+
+`dot_product_attention(q, k, v, mask, scale, implementation)` takes [B, L, H, hd] inputs and a
+boolean mask broadcastable to [B, H, Lq, Lk] (True = visible). `xla` works everywhere and computes the
+softmax in float32 (used for parity); `cudnn` calls JAX's fused kernel (GPU, bf16/fp16 inputs).
+
+The self-attention mask is block-causal across scales: a token of scale s sees every token of scales
+<= s (full attention inside a scale). Rows added to pad the sequence to a multiple of 128 see only
+token 0 and are never seen, so they change nothing, as upstream.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from varejax.models import schedules
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, scale: float,
+                          implementation: str = "xla", precision: str = "highest") -> jax.Array:
+    """softmax(q k^T * scale + mask) v over [B, L, H, hd] inputs; returns [B, Lq, H, hd] in q's dtype."""
+    if implementation == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+    if implementation != "xla":
+        raise ValueError(f"unknown attention implementation {implementation!r}")
+    logits = jnp.einsum("blhd,bmhd->bhlm", q, k, precision=precision, preferred_element_type=jnp.float32)
+    logits = logits * scale
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhlm,bmhd->blhd", weights.astype(v.dtype), v, precision=precision,
+                     preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)
+
+
+def block_causal_mask(schedule: schedules.Schedule, padded_length: int | None = None) -> jax.Array:
+    """[1, 1, Lp, Lp] bool: block-causal over scales; padding rows see only token 0.
+
+    Built inside the trace from [Lp] index vectors, so no L x L constant enters the program.
+    """
+    ids = schedules.scale_ids(schedule)
+    length = ids.shape[0]
+    padded_length = length if padded_length is None else padded_length
+    ids = np.concatenate([ids, np.full(padded_length - length, np.iinfo(np.int32).max, np.int32)])
+    row = jnp.asarray(ids)[:, None]
+    col = jnp.asarray(ids)[None, :]
+    is_pad_row = row == np.iinfo(np.int32).max
+    first_col = jnp.arange(padded_length)[None, :] == 0
+    mask = jnp.where(is_pad_row, first_col, col <= row)
+    return mask[None, None]
+
+
+def text_mask_for_attention(text_mask: jax.Array) -> jax.Array:
+    """[B, T] validity of text rows -> [B, 1, 1, T] attention mask."""
+    return text_mask.astype(bool)[:, None, None, :]

@@ -1,0 +1,118 @@
+"""Small building blocks shared by the models: dense layers with logical axes, norms, activations.
+
+Every parameter carries `logical_axes` metadata (one logical name per dimension); `varejax.parallel`
+maps those names to mesh axes. Matmuls run in the configured compute dtype and precision; norms are
+always computed in float32, as upstream does under autocast.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+F32 = jnp.float32
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str | None], dtype: str,
+          std: float = 0.0, fill: float = 0.0) -> nnx.Param:
+    """A parameter with logical axes: truncated normal with `std`, or the constant `fill` when std == 0."""
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {axes} do not match shape {shape}")
+    if std > 0:
+        value = jax.random.truncated_normal(rngs.params(), -2.0, 2.0, tuple(shape), F32) * std
+    else:
+        value = jnp.full(tuple(shape), fill, F32)
+    return nnx.Param(value.astype(dtype_of(dtype)), logical_axes=tuple(axes))
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel + bias, kernel stored [in, out] (torch Linear weights are transposed on import)."""
+
+    def __init__(self, in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
+                 rngs: nnx.Rngs, param_dtype: str = "float32", compute_dtype: str = "float32",
+                 precision: str = "highest", use_bias: bool = True, std: float | None = None):
+        std = math.sqrt(1.0 / (3.0 * in_features)) if std is None else std
+        self.kernel = param(rngs, (in_features, out_features), axes, param_dtype, std=std)
+        self.bias = param(rngs, (out_features,), (axes[1],), param_dtype) if use_bias else None
+        self.compute_dtype = compute_dtype
+        self.precision = precision
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = dtype_of(self.compute_dtype)
+        y = jnp.matmul(x.astype(dtype), self.kernel[...].astype(dtype), precision=self.precision)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+def layer_norm(x: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis without affine parameters, in float32."""
+    x = x.astype(F32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    centred = x - mean
+    var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+    return centred * jax.lax.rsqrt(var + eps)
+
+
+def rms_norm(x: jax.Array, eps: float) -> jax.Array:
+    """x / sqrt(mean(x^2) + eps), in float32."""
+    x = x.astype(F32)
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+class LayerNorm(nnx.Module):
+    """Affine LayerNorm (torch `nn.LayerNorm` with weight and bias), computed in float32."""
+
+    def __init__(self, features: int, eps: float, *, param_dtype: str = "float32"):
+        self.scale = param(None, (features,), ("norm",), param_dtype, fill=1.0)
+        self.bias = param(None, (features,), ("norm",), param_dtype)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return layer_norm(x, self.eps) * self.scale[...].astype(F32) + self.bias[...].astype(F32)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with a learned scale, computed in float32."""
+
+    def __init__(self, features: int, eps: float, *, param_dtype: str = "float32"):
+        self.scale = param(None, (features,), ("norm",), param_dtype, fill=1.0)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.eps) * self.scale[...].astype(F32)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """GELU with the tanh approximation (torch `GELU(approximate='tanh')`)."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+def round_to_bf16(x: jax.Array) -> jax.Array:
+    """Rounds float32 values to the nearest bfloat16 (ties to even), returned as float32.
+
+    Emulates a bf16 kernel boundary. Done on the bit pattern: XLA may drop an f32->bf16->f32 convert
+    pair (it allows excess precision by default), which would silently skip the rounding.
+    """
+    x = x.astype(F32)
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    lsb = (bits >> 16) & jnp.uint32(1)
+    rounded = (bits + jnp.uint32(0x7FFF) + lsb) & jnp.uint32(0xFFFF0000)
+    return jnp.where(jnp.isnan(x), x, jax.lax.bitcast_convert_type(rounded, F32))
+
+
+def drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Stochastic depth per sample (timm DropPath: keep with 1 - rate, rescale by 1 / (1 - rate))."""
+    if rng is None or rate <= 0.0:
+        return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return x * (mask.astype(x.dtype) / keep)

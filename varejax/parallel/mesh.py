@@ -1,0 +1,72 @@
+"""Device meshes with the axes `data`, `fsdp`, `tensor`, and parameter placement by logical names."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from varejax.parallel.rules import DEFAULT_RULES, MESH_AXES, LogicalRules, logical_to_spec
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[Any] | None = None) -> Mesh:
+    """A mesh over `devices` (default: all) with axes (data, fsdp, tensor).
+
+    One entry of `shape` may be -1 (filled with the remaining devices). Axes are explicitly
+    `AxisType.Auto`: `jax.make_mesh` otherwise defaults to Explicit axes, under which GSPMD-style
+    logical constraints do not apply.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = list(shape)
+    if len(shape) != 3:
+        raise ValueError(f"mesh shape must have 3 entries (data, fsdp, tensor), got {shape}")
+    if shape.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {shape}")
+    known = 1
+    for s in shape:
+        known *= s if s != -1 else 1
+    if -1 in shape:
+        shape[shape.index(-1)] = len(devices) // known
+    total = shape[0] * shape[1] * shape[2]
+    if total != len(devices):
+        raise ValueError(f"mesh {tuple(shape)} needs {total} devices, {len(devices)} available")
+    axis_types = (jax.sharding.AxisType.Auto,) * 3
+    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=axis_types, devices=devices)
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def param_specs(state: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Any:
+    """PartitionSpecs for an `nnx.State`, from each variable's `logical_axes` metadata."""
+
+    def spec_of(var: Any) -> PartitionSpec:
+        logical = getattr(var, "logical_axes", None)
+        value = var.get_value() if hasattr(var, "get_value") else var.value
+        if logical is None:
+            return PartitionSpec()
+        if len(logical) != len(value.shape):
+            raise ValueError(f"logical axes {logical} do not match the shape {value.shape}")
+        return logical_to_spec(logical, rules, mesh, value.shape)
+
+    return jax.tree.map(spec_of, state, is_leaf=_is_variable)
+
+
+def param_shardings(state: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Any:
+    """NamedShardings for an `nnx.State` (same tree structure as the state)."""
+    specs = param_specs(state, mesh, rules)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def shard_state(state: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Any:
+    """Places every variable of `state` on `mesh` as the rules say."""
+    shardings = param_shardings(state, mesh, rules)
+    return jax.device_put(state, shardings)
+
+
+def batch_sharding(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES, ndim: int = 1) -> NamedSharding:
+    """Sharding of a batch-major array: dim 0 is `act_batch`, the rest replicated."""
+    return NamedSharding(mesh, logical_to_spec(("act_batch",) + (None,) * (ndim - 1), rules, mesh))
