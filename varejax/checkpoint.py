@@ -18,8 +18,9 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -91,7 +92,7 @@ def write_model_dir(out: str | os.PathLike, flat: Mapping[tuple[str, ...], np.nd
     """Atomically writes `out/params` and `out/config.json` (`config` plus the varejax version and time)."""
     meta = dict(config)
     meta.setdefault("varejax", varejax.__version__)
-    meta.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    meta.setdefault("created", datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
     with atomic_directory(out, overwrite) as tmp:
         save_params(tmp / PARAMS_SUBDIR, flat)
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1, sort_keys=False) + "\n")

@@ -9,7 +9,7 @@ every problem at once; `ConversionError` renders them with a likely cause.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 

@@ -19,12 +19,14 @@ from flax import nnx
 from varejax.models import schedules
 from varejax.models.config import InfinityConfig
 from varejax.models.infinity import Infinity
+from varejax.models.layers import shapes_only
 
 
 @functools.lru_cache(maxsize=32)
 def graph_and_abstract_state(cfg: InfinityConfig) -> tuple[Any, nnx.State]:
     """(graphdef, abstract parameter state) of `cfg`, without allocating any parameter."""
-    abstract = nnx.eval_shape(lambda: Infinity(cfg, nnx.Rngs(0)))
+    with shapes_only():
+        abstract = nnx.eval_shape(lambda: Infinity(cfg, nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     return graphdef, state
 

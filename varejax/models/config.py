@@ -142,14 +142,14 @@ class InfinityConfig:
         return [self.drop_path_rate * i / (self.depth - 1) for i in range(self.depth)]
 
     # ---- (de)serialisation ---------------------------------------------------------------------
-    def replace(self, **changes: Any) -> "InfinityConfig":
+    def replace(self, **changes: Any) -> InfinityConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "InfinityConfig":
+    def from_dict(cls, data: dict[str, Any]) -> InfinityConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -157,7 +157,7 @@ class InfinityConfig:
         return cls(**data)
 
     @classmethod
-    def from_upstream_kwargs(cls, kwargs: dict[str, Any], codebook_dim: int, **overrides: Any) -> "InfinityConfig":
+    def from_upstream_kwargs(cls, kwargs: dict[str, Any], codebook_dim: int, **overrides: Any) -> InfinityConfig:
         """Builds a config from upstream `Infinity(**kwargs)` constructor arguments.
 
         Flags our port does not implement (they are fixed in every released model) are checked.

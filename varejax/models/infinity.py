@@ -271,7 +271,7 @@ class Infinity(nnx.Module):
         """
         cfg = self.cfg
         schedule = schedules.as_schedule(schedule)
-        B = x_BLC_wo_prefix.shape[0]
+        x_BLC_wo_prefix.shape[0]
         L = schedules.sequence_length(schedule)
         if x_BLC_wo_prefix.shape[1:] != (L - 1, cfg.bits_per_token):
             raise ValueError(f"next-scale inputs have shape {x_BLC_wo_prefix.shape}, expected "

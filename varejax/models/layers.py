@@ -7,8 +7,10 @@ always computed in float32, as upstream does under autocast.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,12 +23,25 @@ def dtype_of(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
+_SHAPES_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("varejax_shapes_only", default=False)
+
+
+@contextlib.contextmanager
+def shapes_only() -> Iterator[None]:
+    """Inside `jax.eval_shape`: skip tracing random initialisers (only shapes and dtypes matter)."""
+    token = _SHAPES_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _SHAPES_ONLY.reset(token)
+
+
 def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str | None], dtype: str,
           std: float = 0.0, fill: float = 0.0) -> nnx.Param:
     """A parameter with logical axes: truncated normal with `std`, or the constant `fill` when std == 0."""
     if len(axes) != len(shape):
         raise ValueError(f"logical axes {axes} do not match shape {shape}")
-    if std > 0:
+    if std > 0 and not _SHAPES_ONLY.get():
         value = jax.random.truncated_normal(rngs.params(), -2.0, 2.0, tuple(shape), F32) * std
     else:
         value = jnp.full(tuple(shape), fill, F32)

@@ -9,7 +9,7 @@ are the landscape ones transposed, keyed by `int(1000 / ratio) / 1000` as upstre
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

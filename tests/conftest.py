@@ -1,0 +1,39 @@
+"""Test setup: 8 fake CPU devices (set before JAX is imported), fixture discovery, cached conversions."""
+
+from __future__ import annotations
+
+import os
+
+# Sharding tests need several devices; on CPU XLA fakes them. Must happen before `import jax`.
+# Tests compile many small programs: LLVM -O0 halves XLA:CPU compile time and keeps IEEE semantics
+# (no fast-math either way), so parity numbers are unaffected.
+for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"):
+    if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+# Identical programs compiled by different tests (new jit wrappers of the same function) hit this
+# cache instead of recompiling.
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("VAREJAX_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
+
+from tests import fixtures  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def converted_infinity(tmp_path_factory):
+    """Converts each Infinity fixture once per session through the production converter (CLI path)."""
+    cache: dict[str, str] = {}
+
+    def get(folder: str) -> str:
+        if folder not in cache:
+            out = tmp_path_factory.mktemp("converted") / "model"
+            fixtures.convert_transformer(folder, str(out))
+            cache[folder] = str(out)
+        return cache[folder]
+
+    return get

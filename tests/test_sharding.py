@@ -1,0 +1,98 @@
+"""Sharded forward and gradients on 8 fake CPU devices equal the single-device results.
+
+conftest.py sets XLA_FLAGS=--xla_force_host_platform_device_count=8 before JAX is imported.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from varejax.models import apply, bit_loss
+from varejax.models.config import InfinityConfig
+from varejax.parallel import DEFAULT_RULES, batch_sharding, logical_to_spec, make_mesh, shard_state, sharding_context
+
+CFG = InfinityConfig(depth=2, embed_dim=64, num_heads=4, text_channels=128, text_maxlen=12, codebook_dim=8,
+                     block_chunks=2, pad_to_multiplier=8)
+SCHEDULE = ((1, 1, 1), (1, 2, 2), (1, 3, 3))
+
+
+def _batch(seed=0, batch=8):
+    rng = np.random.RandomState(seed)
+    lengths = rng.randint(1, CFG.text_maxlen + 1, size=batch)
+    text = rng.randn(batch, CFG.text_maxlen, CFG.text_channels).astype(np.float32) * 0.5
+    mask = (np.arange(CFG.text_maxlen)[None] < lengths[:, None]).astype(np.int32)
+    L = sum(h * w for _, h, w in SCHEDULE)
+    x = rng.randn(batch, L - 1, CFG.bits_per_token).astype(np.float32) * 0.2
+    bits = rng.randint(0, 2, size=(batch, L, CFG.bits_per_token)).astype(np.int8)
+    return text * mask[..., None], mask, x, bits
+
+
+def _loss(params, text, mask, x, bits):
+    return bit_loss.loss_fn(params, text, mask, x, bits, SCHEDULE, cfg=CFG, reweight_by_scale=True)
+
+
+def _logits(params, text, mask, x):
+    return apply.forward(params, text, mask, x, SCHEDULE, cfg=CFG)
+
+
+def test_needs_eight_devices():
+    assert len(jax.devices()) >= 8, "conftest.py must fake 8 CPU devices"
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
+def test_sharded_forward_and_grad_match_single_device(mesh_shape):
+    params = apply.init_params(CFG, seed=3)
+    batch = _batch()
+    ref_logits = jax.jit(_logits)(params, *batch[:3])
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(_loss))(params, *batch)
+
+    mesh = make_mesh(mesh_shape)
+    sharded = shard_state(params, mesh)
+    with sharding_context(mesh, DEFAULT_RULES):
+        inputs = [jax.device_put(a, batch_sharding(mesh, DEFAULT_RULES, a.ndim)) for a in batch]
+        logits = jax.jit(_logits)(sharded, *inputs[:3])
+        loss, grads = jax.jit(jax.value_and_grad(_loss))(sharded, *inputs)
+
+    assert np.abs(np.asarray(logits) - np.asarray(ref_logits)).max() <= 1e-5
+    assert abs(float(loss) - float(ref_loss)) <= 1e-5
+    pairs = zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True)
+    worst = max(float(jnp.abs(a - b).max()) for a, b in pairs)
+    assert worst <= 1e-5, worst
+    # The batch really is split across devices.
+    assert len(inputs[0].sharding.device_set) == 8
+
+    # Every parameter is laid out as the rules say, and the rules do shard something.
+    sharded_axes = set()
+    for path, var in nnx.to_flat_state(sharded):
+        value = var.get_value()
+        expected = logical_to_spec(var.logical_axes, DEFAULT_RULES, mesh, value.shape)
+        assert value.sharding.spec == expected, path
+        for entry in expected:
+            if entry is not None:
+                sharded_axes.update((entry,) if isinstance(entry, str) else entry)
+    wanted = {axis for axis, size in zip(("fsdp", "tensor"), mesh_shape[1:], strict=True) if size > 1}
+    assert wanted <= sharded_axes
+
+
+def test_rules_table_semantics():
+    mesh = make_mesh((2, 2, 2))
+    # A mesh axis is used once per array; non-divisible dims are replicated.
+    spec = logical_to_spec(("embed", "cond"), DEFAULT_RULES, mesh, (8, 8))
+    assert spec == jax.sharding.PartitionSpec("fsdp")
+    assert logical_to_spec(("levels", "embed"), DEFAULT_RULES, mesh, (15, 7)) == jax.sharding.PartitionSpec()
+    assert logical_to_spec(("act_batch", "act_len"), DEFAULT_RULES, mesh, (8, 3)) == jax.sharding.PartitionSpec(
+        ("data", "fsdp"))
+    with pytest.raises(KeyError, match="no sharding rule"):
+        logical_to_spec(("nonsense",), DEFAULT_RULES)
+    with pytest.raises(ValueError, match="unknown mesh axes"):
+        logical_to_spec(("embed",), (("embed", "model"),))
+
+
+def test_mesh_shapes():
+    assert make_mesh((-1, 2, 1)).shape == {"data": 4, "fsdp": 2, "tensor": 1}
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        make_mesh((4, 4, 1))
