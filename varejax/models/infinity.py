@@ -145,9 +145,12 @@ class CrossAttention(nnx.Module):
         return k, v
 
     def __call__(self, x: jax.Array, text_BTD: jax.Array, mask_B11T: jax.Array) -> jax.Array:
+        return self.attend_text(x, *self.text_kv(text_BTD), mask_B11T)
+
+    def attend_text(self, x: jax.Array, k: jax.Array, v: jax.Array, mask_B11T: jax.Array) -> jax.Array:
+        """Cross-attention of x [B, L, C] to precomputed text keys/values."""
         B, L, C = x.shape
         q = self.mat_q(x).astype(F32).reshape(B, L, self.num_heads, self.head_dim)
-        k, v = self.text_kv(text_BTD)
         dtype = jnp.dtype(self.cfg.compute_dtype)
         out = _cross_attend(constrain(q, BATCH_LEN_HEADS).astype(dtype), k.astype(dtype), v.astype(dtype),
                             mask_B11T, self.cfg)
@@ -178,17 +181,32 @@ class CrossAttnBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, gss_B16C: jax.Array, text_BTD: jax.Array, text_mask: jax.Array,
                  attn_mask: jax.Array, cos: jax.Array, sin: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        x, _ = self.step(x, gss_B16C, self.ca.text_kv(text_BTD), text_mask, cos, sin, attn_mask=attn_mask, rng=rng)
+        return x
+
+    def step(self, x: jax.Array, gss_B16C: jax.Array, text_kv: tuple[jax.Array, jax.Array], text_mask: jax.Array,
+             cos: jax.Array, sin: jax.Array, *, cache: tuple[jax.Array, jax.Array] | None = None,
+             attn_mask: jax.Array | None = None, rng: jax.Array | None = None
+             ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """The block on new tokens x, attending to cached keys/values of earlier tokens (KV cache).
+
+        Returns the output and the extended (keys, values) [B, L_seen, H, hd] after rope. Without a cache
+        and with `attn_mask` this is the teacher-forced block.
+        """
         # Chunk order of upstream's (ada_gss + shared_ada_lin(cond)).unbind(2).
         ada = self.ada_gss[...].astype(F32) + gss_B16C
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (ada[:, :, i] for i in range(6))
         rng_sa, rng_ffn = jax.random.split(rng) if rng is not None else (None, None)
         eps = self.cfg.norm_eps
         h = layer_norm(x, eps) * (1 + scale1) + shift1
-        x = x + drop_path(self.sa(h, attn_mask, cos, sin) * gamma1, self.drop_path_rate, rng_sa)
-        x = x + self.ca(self.ca_norm(x), text_BTD, text_mask)
+        q, k, v = self.sa.project(h, cos, sin)
+        if cache is not None:
+            k, v = jnp.concatenate([cache[0], k], axis=1), jnp.concatenate([cache[1], v], axis=1)
+        x = x + drop_path(self.sa.attend(q, k, v, attn_mask) * gamma1, self.drop_path_rate, rng_sa)
+        x = x + self.ca.attend_text(self.ca_norm(x), *text_kv, text_mask)
         h = layer_norm(x, eps) * (1 + scale2) + shift2
         x = x + drop_path(self.ffn(h) * gamma2, self.drop_path_rate, rng_ffn)
-        return constrain(x, BATCH_LEN_EMBED)
+        return constrain(x, BATCH_LEN_EMBED), (k, v)
 
 
 class Infinity(nnx.Module):

@@ -1,0 +1,1 @@
+"""Prompt sources: erasure prompt pairs (JSONL/CSV), template generator, evaluation prompt sets."""
