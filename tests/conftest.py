@@ -37,3 +37,18 @@ def converted_infinity(tmp_path_factory):
         return cache[folder]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def converted_vae(tmp_path_factory):
+    """Converts each fixture's tokenizer once per session through the production converter (CLI path)."""
+    cache: dict[str, str] = {}
+
+    def get(folder: str) -> str:
+        if folder not in cache:
+            out = tmp_path_factory.mktemp("converted_vae") / "vae"
+            fixtures.convert_vae(folder, str(out))
+            cache[folder] = str(out)
+        return cache[folder]
+
+    return get

@@ -38,6 +38,16 @@ def infinity_folders() -> list[Path]:
             if "fixture_kind" not in cfg and "infinity_constructor_kwargs" in cfg]
 
 
+def vae_folders() -> list[Path]:
+    """Infinity fixture folders that hold a tokenizer (`vae_config`, a 'vae' checkpoint and vae.npz)."""
+    out = []
+    for folder in infinity_folders():
+        cfg = config(folder)
+        if "vae_config" in cfg and (folder / "vae.npz").exists():
+            out.append(folder)
+    return out
+
+
 def config(folder: str | Path) -> dict:
     return json.loads((Path(folder) / "config.json").read_text())
 
@@ -70,3 +80,18 @@ def convert_transformer(folder: str | Path, out: str) -> None:
 
 def schedule(cfg: dict, key: str = "scale_schedule") -> tuple[tuple[int, int, int], ...]:
     return tuple(tuple(int(v) for v in s) for s in cfg[key])
+
+
+def convert_vae(folder: str | Path, out: str) -> None:
+    """Runs `varejax convert vae` (the CLI entry point) on a fixture folder's tokenizer."""
+    from varejax.cli import main
+
+    folder = Path(folder)
+    code = main(["convert", "vae", "--src", str(checkpoint_file(folder, "vae")),
+                 "--arch", str(folder / "config.json"), "--out", out])
+    assert code == 0, f"conversion of the tokenizer of {folder} failed"
+
+
+def patchify(cfg: dict) -> bool:
+    """Whether the fixture's transformer uses 2x2 spatial patchify (Infinity-8B style)."""
+    return bool(cfg.get("infinity_constructor_kwargs", {}).get("apply_spatial_patchify", 0))

@@ -7,7 +7,8 @@ A checkpoint is data, never code: `.pth`/`.bin` files are read with `torch.load(
 * a single file holding a plain state_dict (`infinity_2b_reg.pth`), or a dict around one
   (`{'trainer': {'gpt_fsdp': sd}}` training checkpoints, `{'vae': sd}` tokenizers): the caller names
   the wrappers to look through;
-* an HF-style sharded folder: `*.index.json` with a `weight_map`, plus `.bin` or `.safetensors` shards;
+* an HF-style sharded folder: `*.index.json` with a `weight_map`, plus `.bin` or `.safetensors` shards
+  (or the index file itself, when a folder holds several);
 * a folder holding exactly one weights file.
 
 Every problem raises `CheckpointError` with the path and what to do, never a raw traceback.
@@ -202,7 +203,8 @@ def open_checkpoint(path: str | os.PathLike, wrappers: Sequence[Sequence[str]] =
     """Opens a checkpoint file or folder lazily.
 
     Args:
-      path: a weights file, or a folder (sharded with an index, or holding one weights file).
+      path: a weights file, a folder (sharded with an index, or holding one weights file), or a shard
+        index `*.index.json` (its shards are looked up next to it).
       wrappers: key paths under which a wrapped state_dict may sit, e.g. [("trainer", "gpt_fsdp")].
 
     Raises:
@@ -211,6 +213,9 @@ def open_checkpoint(path: str | os.PathLike, wrappers: Sequence[Sequence[str]] =
     path = str(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or folder")
+    if os.path.isfile(path) and path.endswith(".index.json"):
+        # One index of a folder that holds several (e.g. both .bin and .safetensors shards).
+        return _open_sharded(Path(path).parent, Path(path))
     if os.path.isfile(path):
         if not path.endswith(WEIGHT_SUFFIXES):
             raise CheckpointError(f"{path}: unknown weights file type; expected one of {WEIGHT_SUFFIXES}")
@@ -227,7 +232,11 @@ def open_checkpoint(path: str | os.PathLike, wrappers: Sequence[Sequence[str]] =
                 f"found {[p.name for p in files] or 'none'}")
         refs, layout = _file_refs(str(files[0]), wrappers)
         return CheckpointSource(path, f"folder/{layout}", [str(files[0])], refs)
+    return _open_sharded(folder, index)
 
+
+def _open_sharded(folder: Path, index: Path) -> CheckpointSource:
+    """An HF-style sharded checkpoint: `index` (a `weight_map`) and the shards it names in `folder`."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
@@ -253,7 +262,7 @@ def open_checkpoint(path: str | os.PathLike, wrappers: Sequence[Sequence[str]] =
             raise CheckpointError(f"{folder / name}: tensors also present in another shard: {dup[:5]}")
         refs.update(shard_refs)
     files = [str(index)] + [str(folder / name) for name in shard_names]
-    return CheckpointSource(path, "sharded", files, refs)
+    return CheckpointSource(str(folder), "sharded", files, refs)
 
 
 def iter_loaded(source: CheckpointSource, keys: Sequence[str]) -> Iterator[tuple[str, np.ndarray]]:

@@ -122,7 +122,13 @@ def explain(p: Plan, source: str, arch: str, alternatives: Mapping[str, Plan] | 
     lines = [f"{source} does not match --arch {arch}: {len(p.missing)} missing, {len(p.unexpected)} unexpected, "
              f"{len(p.mismatched)} mis-shaped tensors."]
     matching = [name for name, alt in (alternatives or {}).items() if alt.ok]
-    prefix = _common_prefix(p.unexpected) if p.unexpected and len(p.missing) >= len(p.unexpected) else None
+    prefix = _common_prefix(p.unexpected) if p.unexpected else None
+    if prefix and len(p.missing) < len(p.unexpected):
+        # Fewer missing than unexpected keys (optional buffers): blame the prefix only if removing it
+        # names tensors the model expects.
+        known = {r.key for r in p.rules} | {b.key for b in p.buffers}
+        if not any(k[len(prefix):] in known for k in p.unexpected):
+            prefix = None
     if matching:
         lines.append(f"Likely cause: wrong --arch; the file matches --arch {' / '.join(matching)} exactly.")
     elif prefix:

@@ -45,6 +45,10 @@ DEFAULT_RULES: LogicalRules = (
     ("levels", None),                  # level embedding rows
     ("text_len", None),                # rows of cfg_uncond
     ("norm", None),                    # norm scales, per-head temperatures
+    ("t5_vocab", None),                # T5 token embedding rows (gathered, so kept whole)
+    ("t5_buckets", None),              # T5 relative position buckets
+    ("conv_in", None),                 # BSQ-VAE conv input channels (the tokenizer stays data-parallel)
+    ("conv_out", None),                # BSQ-VAE conv output channels
 )
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, LogicalRules] | None] = contextvars.ContextVar(

@@ -1,0 +1,123 @@
+"""Convert an upstream BSQ-VAE tokenizer checkpoint into a varejax model folder.
+
+    varejax convert vae --src infinity_vae_d32reg.pth --arch d32 --out models/vae_d32
+    varejax convert vae --src infinity_vae_d56_f8_14_patchify.pth --arch d14 --out models/vae_d14 --dry-run
+
+`--src` is upstream's `{'vae': state_dict}` file (also `{'ema': state_dict}` or a plain state_dict),
+with keys in either naming upstream's `load_cnn` accepts (`X.conv.weight` / `X.norm.weight`, or plain
+`X.weight`). `--arch` is a preset (d32 = Infinity-2B tokenizer, d14 = Infinity-8B, tiny) or a JSON
+config (ours, or an upstream fixture config with `vae_config`). The output holds the parameters
+(orbax) and `config.json` with the model config and the sha256 of the source file. Every key and
+shape is checked before anything is read; the `lfq.mask` buffers are checked and dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+
+from varejax.convert import strict
+from varejax.convert.infinity import ConversionReport
+from varejax.convert.sources import CheckpointSource, iter_loaded, open_checkpoint, source_fingerprint
+from varejax.convert.vae_keys import normalise_key_names, vae_rules
+from varejax.models.bsq_vae import VAE_PRESETS, VAEConfig, load_vae_arch
+
+WRAPPERS = (("vae",), ("ema",), ("state_dict",))
+FORMAT = "varejax-vae/1"
+
+
+def _plan_for(source: CheckpointSource, cfg: VAEConfig) -> tuple[strict.Plan, dict[str, str], list[str]]:
+    rules, buffers = vae_rules(cfg)
+    expected = {r.key for r in rules} | {b.key for b in buffers}
+    mapping, problems = normalise_key_names(list(source.tensors), expected)
+    shapes = {mapping[k]: ref.shape for k, ref in source.tensors.items()}
+    return strict.plan(shapes, rules, buffers), mapping, problems
+
+
+def _alternative_plans(source: CheckpointSource, cfg: VAEConfig) -> dict[str, strict.Plan]:
+    """Plans of the other presets, to name the right --arch when the requested one fails."""
+    out = {}
+    for name, preset in VAE_PRESETS.items():
+        if preset.arch_dict() == cfg.arch_dict():
+            continue
+        try:
+            p, _, problems = _plan_for(source, preset)
+        except Exception:  # a preset that cannot be built here is simply not suggested
+            continue
+        if not problems:
+            out[name] = p
+    return out
+
+
+def plan_vae(source: CheckpointSource, cfg: VAEConfig, arch: str) -> tuple[strict.Plan, CheckpointSource]:
+    """Checks every key and shape of `source` against `cfg`.
+
+    Returns the plan and the source with its keys renamed to the module naming.
+
+    Raises:
+      ConversionError: listing every missing, unexpected, mis-shaped or duplicated tensor.
+    """
+    p, mapping, problems = _plan_for(source, cfg)
+    if problems:
+        raise strict.ConversionError(
+            f"{source.path}: the same tensor appears under both upstream naming schemes (module `X.conv.weight` "
+            f"and plain `X.weight`); keep one:\n" + "\n".join(problems[:12]))
+    if not p.ok:
+        strict.check(p, source.path, arch, _alternative_plans(source, cfg))
+    renamed = {mapping[k]: dataclasses.replace(ref, key=mapping[k]) for k, ref in source.tensors.items()}
+    return p, dataclasses.replace(source, tensors=renamed)
+
+
+def _check_buffers(source: CheckpointSource, p: strict.Plan) -> None:
+    buffers = {b.key: b for b in p.buffers}
+    keys = [k for k in p.dropped if buffers[k].check is not None]
+    for key, value in iter_loaded(source, keys):
+        problem = buffers[key].check(value)
+        if problem:
+            raise strict.ConversionError(f"{source.tensors[key].file}: buffer {key!r}: {problem}")
+
+
+def convert_vae(src: str, arch: str, out: str | None, *, dry_run: bool = False, param_dtype: str = "float32",
+                overwrite: bool = False, progress: bool = True) -> ConversionReport:
+    """Converts (or with `dry_run`, only checks) an upstream tokenizer checkpoint.
+
+    Raises:
+      CheckpointError (ConversionError): unreadable file, or keys/shapes/buffers that do not match `arch`.
+    """
+    start = time.time()
+    cfg = load_vae_arch(arch, param_dtype=param_dtype)
+    source = open_checkpoint(src, WRAPPERS)
+    p, source = plan_vae(source, cfg, arch)
+    n_params = int(sum(np.prod(r.shape) for r in p.rules))
+    n_tensors = len(p.rules) + len(p.dropped)
+    if dry_run:
+        _check_buffers(source, p)  # two tiny int64 vectors: cheap, and a wrong one means a wrong file
+        return ConversionReport(arch, src, source.layout, n_tensors, n_params, len(p.dropped), time.time() - start,
+                                None)
+    if out is None:
+        raise ValueError("--out is required unless --dry-run")
+    wrap = None
+    if progress:
+        from tqdm import tqdm
+
+        def wrap(stream):
+            return tqdm(stream, total=n_tensors, desc="converting", unit="tensor")
+
+    if param_dtype == "bfloat16":
+        import ml_dtypes
+        dtype = np.dtype(ml_dtypes.bfloat16)
+    else:
+        dtype = np.dtype(param_dtype)
+    flat = strict.load_mapped(source, p, dtype=dtype, progress=wrap)
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "model": cfg.to_dict(),
+        "source": {"path": str(src), "layout": source.layout, "sha256": source_fingerprint(source),
+                   "tensors": n_tensors, "dropped_buffers": len(p.dropped)},
+    }
+    from varejax.checkpoint import write_model_dir
+    write_model_dir(out, flat, meta, overwrite=overwrite)
+    return ConversionReport(arch, src, source.layout, n_tensors, n_params, len(p.dropped), time.time() - start, out)

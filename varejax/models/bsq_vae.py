@@ -1,0 +1,502 @@
+"""Infinity's bitwise tokenizer (BSQ-VAE, `infinity/models/bsq_vae`) in Flax NNX: encoder and decoder.
+
+A flux-style convolutional autoencoder without attention (docs/infinity.md section 6):
+
+  encoder: conv_in -> per level i: num_res_blocks ResnetBlocks (+ a stride-2 downsample for
+           i < log2(patch)) -> mid (2 ResnetBlocks) -> GroupNorm -> swish -> conv_out (d channels)
+  decoder: conv_in -> mid -> levels from last to 0: num_res_blocks + 1 ResnetBlocks (+ nearest x2
+           and a 3x3 conv for 1 <= i <= log2(patch)) -> GroupNorm -> swish -> conv_out; clamp to [-1, 1]
+
+ResnetBlock = norm1 -> swish -> conv1 (3x3) -> norm2 -> swish -> conv2 (3x3), plus a 1x1
+`nin_shortcut` when the channel count changes. GroupNorm has 32 groups (24 when C % 32 != 0), eps
+1e-6, affine. The downsample pads one zero row at the bottom and one zero column at the right, then
+applies a 3x3 stride-2 convolution without padding.
+
+The multi-scale bit quantiser that turns the encoder's raw features into per-scale bits lives in
+`varejax/models/bitwise.py`. Images and latents are channels-last everywhere in our API: images
+[B, H, W, 3] in [-1, 1], latents [B, h, w, d] (upstream is channels-first).
+
+Pure functions: `encode(params, images_BHWC, cfg)` -> raw features [B, H/p, W/p, d] float32;
+`decode(params, summed_codes_BhwD, cfg)` -> images in [-1, 1]; `encode_jit` / `decode_jit`;
+`init_vae_params`, `abstract_vae_params`, `load_vae(model_dir)` for a folder written by
+`varejax convert vae`.
+
+Presets: `d32` (Infinity-2B tokenizer: d 32, patch 16, ch_mult 1,2,4,4,4), `d14` (Infinity-8B: d 14,
+patch 8, ch_mult 1,2,4,4; the 8B transformer patchifies 2x2 latents), and `tiny` (the infinity_tiny
+fixture: d 32, patch 16, base_ch 32, ch_mult 1,1,1,2,2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from varejax.models.layers import F32, dtype_of, param, shapes_only
+from varejax.parallel import constrain
+
+# Fields that fix the parameter shapes; the rest is numerics.
+VAE_ARCH_FIELDS = ("codebook_dim", "patch_size", "ch_mult", "base_ch", "num_res_blocks", "in_channels",
+                   "out_channels")
+GROUP_NORM_EPS = 1e-6
+IMAGE_AXES = ("act_batch", None, None, None)
+
+
+def group_count(channels: int) -> int:
+    """Upstream `Normalize`: 32 groups, or 24 when the channels are not a multiple of 32."""
+    if channels % 32 == 0:
+        return 32
+    if channels % 24 == 0:
+        return 24
+    raise ValueError(f"GroupNorm over {channels} channels: upstream needs a multiple of 32 or 24")
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """Architecture and numerics of the BSQ-VAE.
+
+    Attributes:
+      codebook_dim: d, bits per latent position (= latent channels; 32 for Infinity-2B, 14 for 8B).
+      patch_size: pixels per latent position along each side (a power of two: 16 or 8).
+      ch_mult: channel multiplier of each level (encoder and decoder use the same list).
+      base_ch: channels of level 0 (upstream fixes 128).
+      num_res_blocks: ResnetBlocks per encoder level (the decoder has one more per level).
+      in_channels: image channels in (RGB).
+      out_channels: image channels out.
+      param_dtype: dtype parameters are created/stored in.
+      compute_dtype: dtype of convolution inputs; GroupNorm, swish and the residual stream stay float32.
+      matmul_precision: `jax.lax.Precision` of float32 convolutions ("highest" for parity on GPU/TPU).
+    """
+
+    codebook_dim: int = 32
+    patch_size: int = 16
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4, 4)
+    base_ch: int = 128
+    num_res_blocks: int = 2
+    in_channels: int = 3
+    out_channels: int = 3
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    matmul_precision: str = "highest"
+
+    def __post_init__(self):
+        object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
+        problems = []
+        if self.patch_size < 1 or self.patch_size & (self.patch_size - 1):
+            problems.append(f"patch_size {self.patch_size} is not a power of two")
+        elif self.num_downsamples > len(self.ch_mult) - 1:
+            problems.append(f"patch_size {self.patch_size} needs {self.num_downsamples} downsamples, but ch_mult "
+                            f"{list(self.ch_mult)} has only {len(self.ch_mult)} levels (at most levels - 1)")
+        if not self.ch_mult or min(self.ch_mult) < 1:
+            problems.append(f"ch_mult must be a non-empty list of positive ints, got {list(self.ch_mult)}")
+        if self.num_res_blocks < 1 or self.codebook_dim < 1:
+            problems.append("num_res_blocks and codebook_dim must be >= 1")
+        for channels in sorted({self.base_ch * m for m in self.ch_mult} | {self.base_ch}):
+            try:
+                group_count(channels)
+            except ValueError as err:
+                problems.append(str(err))
+        if self.matmul_precision not in ("default", "high", "highest"):
+            problems.append(f"matmul_precision must be default/high/highest, not {self.matmul_precision!r}")
+        if problems:
+            raise ValueError("invalid VAEConfig: " + "; ".join(problems))
+
+    @property
+    def num_downsamples(self) -> int:
+        """log2(patch_size): encoder levels i < this downsample, decoder levels 1 <= i <= this upsample."""
+        return int(math.log2(self.patch_size)) if self.patch_size >= 1 else 0
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        return tuple(self.base_ch * m for m in self.ch_mult)
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"image size {(height, width)} is not a multiple of the patch size {self.patch_size}")
+        return height // self.patch_size, width // self.patch_size
+
+    # ---- (de)serialisation ---------------------------------------------------------------------
+    def replace(self, **changes: Any) -> VAEConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["ch_mult"] = list(self.ch_mult)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VAEConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown VAEConfig fields: {unknown}")
+        return cls(**data)
+
+    @classmethod
+    def from_upstream(cls, vae_config: dict[str, Any], **overrides: Any) -> VAEConfig:
+        """From upstream `vae_model(...)` arguments as a fixture's `vae_config` stores them.
+
+        Keys: codebook_dim, patch_size, ch_mult (or encoder_ch_mult == decoder_ch_mult), and the
+        AutoEncoder args base_ch / num_res_blocks (upstream defaults 128 / 2). Other keys are ignored.
+        """
+        enc = vae_config.get("encoder_ch_mult", vae_config.get("ch_mult"))
+        dec = vae_config.get("decoder_ch_mult", enc)
+        if enc is None or "codebook_dim" not in vae_config or "patch_size" not in vae_config:
+            raise ValueError(f"upstream vae_config needs codebook_dim, patch_size and ch_mult; "
+                             f"got {sorted(vae_config)}")
+        if list(enc) != list(dec):
+            raise ValueError(f"encoder_ch_mult {enc} != decoder_ch_mult {dec}: not supported (every released "
+                             f"tokenizer uses one list)")
+        fields = dict(codebook_dim=int(vae_config["codebook_dim"]), patch_size=int(vae_config["patch_size"]),
+                      ch_mult=tuple(int(m) for m in enc), base_ch=int(vae_config.get("base_ch", 128)),
+                      num_res_blocks=int(vae_config.get("num_res_blocks", 2)))
+        fields.update(overrides)
+        return cls(**fields)
+
+    def arch_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in VAE_ARCH_FIELDS}
+
+
+VAE_PRESETS: dict[str, VAEConfig] = {
+    # vae_type=32 of tools/run_infinity.py: infinity_vae_d32reg.pth (Infinity-2B).
+    "d32": VAEConfig(codebook_dim=32, patch_size=16, ch_mult=(1, 2, 4, 4, 4)),
+    # vae_type=14 with apply_spatial_patchify: infinity_vae_d56_f8_14_patchify.pth (Infinity-8B).
+    "d14": VAEConfig(codebook_dim=14, patch_size=8, ch_mult=(1, 2, 4, 4)),
+    # The infinity_tiny fixture's tokenizer.
+    "tiny": VAEConfig(codebook_dim=32, patch_size=16, ch_mult=(1, 1, 1, 2, 2), base_ch=32),
+}
+VAE_PRESET_ALIASES = {"2b": "d32", "infinity_2b": "d32", "8b": "d14", "infinity_8b": "d14"}
+
+
+def get_vae_preset(name: str) -> VAEConfig:
+    key = VAE_PRESET_ALIASES.get(name, name)
+    if key not in VAE_PRESETS:
+        raise KeyError(f"unknown VAE preset {name!r}; known: {sorted(VAE_PRESETS) + sorted(VAE_PRESET_ALIASES)}")
+    return VAE_PRESETS[key]
+
+
+def load_vae_arch(spec: str, **overrides: Any) -> VAEConfig:
+    """Resolves `--arch` for the tokenizer: a preset (d32, d14, tiny, 2b, 8b) or a JSON file.
+
+    A JSON file may hold our own config (`{"format": "varejax-vae/1", "model": {...}}` as the converter
+    writes it, or the bare field dict) or an upstream fixture config (its `vae_config`).
+    """
+    if not spec.endswith(".json"):
+        return get_vae_preset(spec).replace(**overrides)
+    with open(spec) as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{spec}: expected a JSON object")
+    if "vae_config" in data:
+        return VAEConfig.from_upstream(data["vae_config"], **overrides)
+    if "model" in data and isinstance(data["model"], dict):
+        if data.get("format", "varejax-vae/1") != "varejax-vae/1":
+            raise ValueError(f"{spec}: a {data.get('format')!r} model config, not a tokenizer (varejax-vae/1)")
+        data = data["model"]
+    return VAEConfig.from_dict({**data, **overrides})
+
+
+# ---- modules ---------------------------------------------------------------------------------------
+
+def swish(x: jax.Array) -> jax.Array:
+    """x * sigmoid(x), in float32."""
+    x = x.astype(F32)
+    return x * jax.nn.sigmoid(x)
+
+
+class Conv2d(nnx.Module):
+    """2-D convolution, kernel stored [kh, kw, in, out] (torch [out, in, kh, kw] is transposed on import).
+
+    `padding` is ((top, bottom), (left, right)) zeros; upstream's downsample is ((0, 1), (0, 1)).
+    """
+
+    def __init__(self, cfg: VAEConfig, rngs: nnx.Rngs, n_in: int, n_out: int, kernel_size: int = 3, stride: int = 1,
+                 padding: tuple[tuple[int, int], tuple[int, int]] | None = None):
+        fan_in = n_in * kernel_size * kernel_size
+        self.kernel = param(rngs, (kernel_size, kernel_size, n_in, n_out), (None, None, "conv_in", "conv_out"),
+                            cfg.param_dtype, std=(1.0 / (3.0 * fan_in)) ** 0.5)
+        self.bias = param(None, (n_out,), ("conv_out",), cfg.param_dtype)
+        pad = kernel_size // 2
+        self.padding = padding if padding is not None else ((pad, pad), (pad, pad))
+        self.stride = stride
+        self.compute_dtype = cfg.compute_dtype
+        self.precision = cfg.matmul_precision
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = dtype_of(self.compute_dtype)
+        y = jax.lax.conv_general_dilated(
+            x.astype(dtype), self.kernel[...].astype(dtype), (self.stride, self.stride), self.padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision, preferred_element_type=F32)
+        return y + self.bias[...].astype(F32)
+
+
+class GroupNorm(nnx.Module):
+    """torch `nn.GroupNorm(groups, C, eps=1e-6, affine=True)` over [B, H, W, C], in float32."""
+
+    def __init__(self, cfg: VAEConfig, channels: int):
+        self.groups = group_count(channels)
+        self.scale = param(None, (channels,), ("norm",), cfg.param_dtype, fill=1.0)
+        self.bias = param(None, (channels,), ("norm",), cfg.param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        B, H, W, C = x.shape
+        g = x.astype(F32).reshape(B, H, W, self.groups, C // self.groups)
+        mean = jnp.mean(g, axis=(1, 2, 4), keepdims=True)
+        centred = g - mean
+        var = jnp.mean(jnp.square(centred), axis=(1, 2, 4), keepdims=True)
+        y = (centred * jax.lax.rsqrt(var + GROUP_NORM_EPS)).reshape(B, H, W, C)
+        return y * self.scale[...].astype(F32) + self.bias[...].astype(F32)
+
+
+class ResnetBlock(nnx.Module):
+    """norm1 -> swish -> conv1 -> norm2 -> swish -> conv2, plus x (through a 1x1 conv if C changes)."""
+
+    def __init__(self, cfg: VAEConfig, rngs: nnx.Rngs, n_in: int, n_out: int):
+        self.norm1 = GroupNorm(cfg, n_in)
+        self.conv1 = Conv2d(cfg, rngs, n_in, n_out)
+        self.norm2 = GroupNorm(cfg, n_out)
+        self.conv2 = Conv2d(cfg, rngs, n_out, n_out)
+        self.nin_shortcut = Conv2d(cfg, rngs, n_in, n_out, kernel_size=1) if n_in != n_out else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv2(swish(self.norm2(h)))
+        if self.nin_shortcut is not None:
+            x = self.nin_shortcut(x)
+        return constrain(x.astype(F32) + h, IMAGE_AXES)
+
+
+class Downsample(nnx.Module):
+    """Zero-pad bottom and right by one, then a 3x3 stride-2 convolution without padding."""
+
+    def __init__(self, cfg: VAEConfig, rngs: nnx.Rngs, channels: int):
+        self.conv = Conv2d(cfg, rngs, channels, channels, stride=2, padding=((0, 1), (0, 1)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.conv(x)
+
+
+class Upsample(nnx.Module):
+    """Nearest-neighbour x2 (torch F.interpolate(scale_factor=2, mode='nearest')), then a 3x3 conv."""
+
+    def __init__(self, cfg: VAEConfig, rngs: nnx.Rngs, channels: int):
+        self.conv = Conv2d(cfg, rngs, channels, channels)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return self.conv(x)
+
+
+class Level(nnx.Module):
+    """One resolution level: `block` (a list of ResnetBlocks) and an optional `downsample`/`upsample`."""
+
+    def __init__(self, blocks: list[ResnetBlock], downsample: Downsample | None = None,
+                 upsample: Upsample | None = None):
+        self.block = nnx.List(blocks)
+        if downsample is not None:
+            self.downsample = downsample
+        if upsample is not None:
+            self.upsample = upsample
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for blk in self.block:
+            x = blk(x)
+        if hasattr(self, "downsample"):
+            x = self.downsample(x)
+        if hasattr(self, "upsample"):
+            x = self.upsample(x)
+        return x
+
+
+class Mid(nnx.Module):
+    def __init__(self, cfg: VAEConfig, rngs: nnx.Rngs, channels: int):
+        self.block_1 = ResnetBlock(cfg, rngs, channels, channels)
+        self.block_2 = ResnetBlock(cfg, rngs, channels, channels)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.block_2(self.block_1(x))
+
+
+class Encoder(nnx.Module):
+    def __init__(self, cfg: VAEConfig, rngs: nnx.Rngs):
+        ch = cfg.channels
+        self.conv_in = Conv2d(cfg, rngs, cfg.in_channels, cfg.base_ch)
+        levels = []
+        block_in = cfg.base_ch
+        for i, block_out in enumerate(ch):
+            blocks = []
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResnetBlock(cfg, rngs, block_in, block_out))
+                block_in = block_out
+            down = Downsample(cfg, rngs, block_in) if i < cfg.num_downsamples else None
+            levels.append(Level(blocks, downsample=down))
+        self.down = nnx.List(levels)
+        self.mid = Mid(cfg, rngs, block_in)
+        self.norm_out = GroupNorm(cfg, block_in)
+        self.conv_out = Conv2d(cfg, rngs, block_in, cfg.codebook_dim)
+
+    def __call__(self, images_BHWC: jax.Array) -> jax.Array:
+        h = constrain(self.conv_in(images_BHWC.astype(F32)), IMAGE_AXES)
+        for level in self.down:
+            h = level(h)
+        h = self.mid(h)
+        return constrain(self.conv_out(swish(self.norm_out(h))), IMAGE_AXES)
+
+
+class Decoder(nnx.Module):
+    def __init__(self, cfg: VAEConfig, rngs: nnx.Rngs):
+        ch = cfg.channels
+        block_in = ch[-1]
+        self.conv_in = Conv2d(cfg, rngs, cfg.codebook_dim, block_in)
+        self.mid = Mid(cfg, rngs, block_in)
+        levels: list[Level | None] = [None] * len(ch)
+        for i in reversed(range(len(ch))):
+            blocks = []
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(ResnetBlock(cfg, rngs, block_in, ch[i]))
+                block_in = ch[i]
+            up = Upsample(cfg, rngs, block_in) if 1 <= i <= cfg.num_downsamples else None
+            levels[i] = Level(blocks, upsample=up)
+        self.up = nnx.List(levels)
+        self.norm_out = GroupNorm(cfg, block_in)
+        self.conv_out = Conv2d(cfg, rngs, block_in, cfg.out_channels)
+
+    def __call__(self, z_BhwD: jax.Array) -> jax.Array:
+        h = constrain(self.conv_in(z_BhwD.astype(F32)), IMAGE_AXES)
+        h = self.mid(h)
+        for level in reversed(self.up):
+            h = level(h)
+        return constrain(self.conv_out(swish(self.norm_out(h))), IMAGE_AXES)
+
+
+class BSQVAE(nnx.Module):
+    """Encoder + decoder of upstream `AutoEncoder` (the quantiser has no parameters)."""
+
+    def __init__(self, cfg: VAEConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.encoder = Encoder(cfg, rngs)
+        self.decoder = Decoder(cfg, rngs)
+
+    def encode(self, images_BHWC: jax.Array) -> jax.Array:
+        """Images [B, H, W, C_in] in [-1, 1] -> raw features [B, H/p, W/p, d] float32 (before quantisation)."""
+        if images_BHWC.ndim != 4 or images_BHWC.shape[-1] != self.cfg.in_channels:
+            raise ValueError(f"images must be [B, H, W, {self.cfg.in_channels}] (channels last), "
+                             f"got {images_BHWC.shape}")
+        self.cfg.latent_size(*images_BHWC.shape[1:3])
+        return self.encoder(images_BHWC).astype(F32)
+
+    def decode(self, z_BhwD: jax.Array) -> jax.Array:
+        """Latent [B, h, w, d] (summed codes) -> images [B, h p, w p, C_out] clamped to [-1, 1]."""
+        if z_BhwD.ndim != 4 or z_BhwD.shape[-1] != self.cfg.codebook_dim:
+            raise ValueError(f"latents must be [B, h, w, {self.cfg.codebook_dim}] (channels last), "
+                             f"got {z_BhwD.shape}")
+        return jnp.clip(self.decoder(z_BhwD), -1.0, 1.0)
+
+
+# ---- pure-function view ------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=16)
+def vae_graph_and_abstract_state(cfg: VAEConfig) -> tuple[Any, nnx.State]:
+    """(graphdef, abstract parameter state) of `cfg`, without allocating any parameter."""
+    with shapes_only():
+        abstract = nnx.eval_shape(lambda: BSQVAE(cfg, nnx.Rngs(0)))
+    return nnx.split(abstract)
+
+
+def init_vae_params(cfg: VAEConfig, seed: int = 0) -> nnx.State:
+    """Freshly initialised parameters (an `nnx.State`; random, not upstream's init)."""
+    return nnx.state(BSQVAE(cfg, nnx.Rngs(seed)))
+
+
+def abstract_vae_params(cfg: VAEConfig) -> nnx.State:
+    """Parameter shapes and dtypes as `jax.ShapeDtypeStruct`s (no memory)."""
+    return vae_graph_and_abstract_state(cfg)[1]
+
+
+def vae_state_from_flat(cfg: VAEConfig, flat: dict[tuple[str, ...], Any]) -> nnx.State:
+    """The parameter state of `cfg` from {path: array}; every path must be present with its shape."""
+    out, seen = [], set()
+    for path, var in nnx.to_flat_state(abstract_vae_params(cfg)):
+        key = tuple(str(p) for p in path)
+        seen.add(key)
+        if key not in flat:
+            raise KeyError(f"parameter {'.'.join(key)} missing")
+        value = flat[key]
+        if tuple(value.shape) != tuple(var.shape):
+            raise ValueError(f"parameter {'.'.join(key)} has shape {tuple(value.shape)}, expected {tuple(var.shape)}")
+        out.append((path, var.replace(jnp.asarray(value, dtype=var.dtype))))
+    extra = set(flat) - seen
+    if extra:
+        raise KeyError(f"unexpected parameters {sorted(extra)[:5]}")
+    return nnx.from_flat_state(out)
+
+
+def bind_vae(params: nnx.State, cfg: VAEConfig) -> BSQVAE:
+    graphdef, _ = vae_graph_and_abstract_state(cfg)
+    return nnx.merge(graphdef, params)
+
+
+def encode(params: nnx.State, images_BHWC: jax.Array, cfg: VAEConfig) -> jax.Array:
+    """Images [B, H, W, 3] in [-1, 1] -> raw features [B, H/p, W/p, d] float32.
+
+    Upstream `encode_for_raw_features(img)[0]` (channels-last here). Feed the result to
+    `bitwise.multiscale_quantize` or `bitwise.transformer_inputs`.
+    """
+    return bind_vae(params, cfg).encode(images_BHWC)
+
+
+def decode(params: nnx.State, summed_codes_BhwD: jax.Array, cfg: VAEConfig) -> jax.Array:
+    """Summed codes (or any latent) [B, h, w, d] -> images [B, h p, w p, 3] clamped to [-1, 1]."""
+    return bind_vae(params, cfg).decode(summed_codes_BhwD)
+
+
+encode_jit = jax.jit(encode, static_argnames=("cfg",))
+decode_jit = jax.jit(decode, static_argnames=("cfg",))
+
+
+def load_vae(model_dir: str, mesh=None, *, rules=None, **overrides: Any) -> tuple[VAEConfig, nnx.State]:
+    """Loads a folder written by `varejax convert vae` -> (VAEConfig, nnx.State).
+
+    Args:
+      model_dir: the converted folder (orbax params + config.json with format varejax-vae/1).
+      mesh: when given, parameters are restored onto the mesh as `rules` say (replicated by default:
+        the tokenizer is data-parallel).
+      **overrides: numerics to change (compute_dtype, matmul_precision, ...); architecture fields must
+        match the folder's.
+    """
+    from varejax.checkpoint import ModelDirError, read_config, restore_flat
+    from varejax.convert.vae import FORMAT
+    from varejax.models.apply import flat_params
+
+    meta = read_config(model_dir)
+    if meta.get("format") != FORMAT:
+        raise ModelDirError(f"{model_dir}: config.json format is {meta.get('format')!r}, expected {FORMAT!r}")
+    cfg = VAEConfig.from_dict(meta["model"])
+    changed = {k for k in overrides if k in cfg.arch_dict() and overrides[k] != getattr(cfg, k)}
+    if changed:
+        raise ModelDirError(f"cannot change architecture fields {sorted(changed)} of a converted tokenizer")
+    cfg = cfg.replace(**overrides)
+    abstract = abstract_vae_params(cfg)
+    target = None
+    if mesh is not None:
+        from varejax.parallel import DEFAULT_RULES, param_shardings
+        shardings = flat_params(param_shardings(abstract, mesh, rules or DEFAULT_RULES))
+        target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
+                  for k, v in flat_params(abstract).items()}
+    flat = restore_flat(model_dir, target)
+    try:
+        state = vae_state_from_flat(cfg, flat)
+    except (KeyError, ValueError) as err:
+        raise ModelDirError(f"{model_dir}: parameters do not match its config.json: {err}") from None
+    return cfg, state
+
+
+def count_vae_params(cfg: VAEConfig) -> int:
+    from varejax.models.apply import flat_params
+    return sum(math.prod(v.shape) for v in flat_params(abstract_vae_params(cfg)).values())
