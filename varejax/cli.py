@@ -1,6 +1,7 @@
 """The `varejax` command: one subcommand per stage of the job.
 
     varejax convert infinity --src infinity_2b_reg.pth --arch 2b --out models/infinity_2b
+    varejax sample --config configs/sample.py --workdir runs/sample --config.prompts="('a fox',)"
 """
 
 from __future__ import annotations
@@ -9,6 +10,10 @@ import argparse
 import sys
 
 from varejax.convert import cli as convert_cli
+from varejax.sample import cli as sample_cli
+
+# Stages configured by `--config file.py --config.field=value` (ml_collections); unknown args are overrides.
+CONFIG_STAGES = ("sample",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,14 +22,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"varejax {__version__}")
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     convert_cli.add_parser(stages)
+    sample_cli.add_parser(stages)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
     if args.stage == "convert":
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         return convert_cli.run(args)
-    raise AssertionError(args.stage)
+    bad = [a for a in unknown if not a.startswith("--config.")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides look like --config.field=value)")
+    overrides = [a[2:] for a in unknown]
+    return _run_config_stage(args, overrides)
+
+
+def _run_config_stage(args, overrides: list[str]) -> int:
+    """Runs a config-driven stage; user errors (bad config, missing files) give one line and status 2."""
+    from varejax.checkpoint import ModelDirError
+    from varejax.convert.sources import CheckpointError
+
+    try:
+        return args.run(args, overrides)
+    except (FileNotFoundError, KeyError, ValueError, CheckpointError, ModelDirError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -105,7 +105,17 @@ def sample_bits(logits_Bld2: jax.Array, rng: jax.Array | None, top_k: int, top_p
         drop = small_prob <= (1.0 - top_p)
         one_hot = jax.nn.one_hot(smaller, 2, dtype=bool)
         logits = jnp.where(drop[..., None] & one_hot, -jnp.inf, logits)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int8)
+    if jnp.ndim(rng) == 0:
+        return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int8)
+    # One key per sample: an image does not depend on what else is in its batch.
+    draw = lambda key, lg: jax.random.categorical(key, lg, axis=-1)
+    return jax.vmap(draw)(rng, logits).astype(jnp.int8)
+
+
+def _fold_in(rng: jax.Array, data: int) -> jax.Array:
+    if jnp.ndim(rng) == 0:
+        return jax.random.fold_in(rng, data)
+    return jax.vmap(lambda key: jax.random.fold_in(key, data))(rng)
 
 
 def _uncond_text(model, text_BTC: jax.Array) -> jax.Array:
@@ -127,7 +137,8 @@ def generate(params: nnx.State, text: jax.Array, text_mask: jax.Array, schedule:
       schedule: the transformer's scale schedule (1, h, w) ... (for patchified models the tokenizer grid
         is twice as large).
       sampling: guidance, temperature, top-k/top-p, greedy.
-      rng: PRNG key (per-scale keys are folded from it); None = greedy.
+      rng: a PRNG key, or one key per sample ([B] keys, so an image does not depend on its batch);
+        per-scale keys are folded from it. None = greedy.
       negative_text, negative_mask: a negative prompt's features replace `cfg_uncond` in the uncond half.
       h_div_w_template: aspect template of the rope grid (default: nearest to the last scale).
     """
@@ -178,7 +189,7 @@ def generate(params: nnx.State, text: jax.Array, text_mask: jax.Array, schedule:
         else:
             mixed = head[:B] / tau_list[si]
         out.cfg_logits.append(mixed)
-        key = None if rng is None else jax.random.fold_in(rng, si)
+        key = None if rng is None else _fold_in(rng, si)
         bits = sample_bits(mixed.reshape(B, n, -1, 2), key, sampling.top_k, sampling.top_p, sampling.greedy)
         grid = bitwise.bits_from_tokens(bits.reshape(B, n, -1), (h, w), cfg.apply_spatial_patchify)
         out.bits.append(grid)

@@ -1,0 +1,169 @@
+"""Text to image: T5 features -> KV-cache CFG sampler -> BSQ-VAE decoder -> PNG files with records.
+
+    varejax sample --config configs/sample.py --config.prompts="('a red fox in the snow',)" --workdir runs/s1
+
+`Pipeline` holds the three models; `run_sampling(config, workdir)` is the stage behind the command:
+it writes `images/{index:05d}.png` with a JSON record each (prompt, seed, cfg, tau, schedule, model
+hashes), and `grid.png`. A re-run with the same workdir skips images already written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from varejax import images as image_io
+from varejax.models import schedules
+from varejax.sample.sampler import SamplingConfig, generate_jit
+
+
+def model_hash(model_dir: str | os.PathLike) -> str:
+    """A short, stable id of a model folder: sha256 of its config.json (which records its sources)."""
+    path = Path(model_dir) / "config.json"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """The three models of Infinity text-to-image, ready to sample."""
+
+    infinity_cfg: Any
+    infinity_params: Any
+    vae_cfg: Any
+    vae_params: Any
+    text_encoder: Any
+    hashes: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_dirs(cls, infinity_dir: str, vae_dir: str, t5_dir: str, *, text_cache_dir: str | None = None,
+                  min_vocab: int = 32100, max_text_length: int = 512, **numerics: Any) -> Pipeline:
+        """Loads converted model folders (`varejax convert infinity|vae|t5`)."""
+        from varejax.convert.infinity import load_infinity
+        from varejax.models.bsq_vae import load_vae
+        from varejax.sample.text_features import TextEncoder
+
+        infinity_cfg, infinity_params = load_infinity(infinity_dir, **numerics)
+        vae_cfg, vae_params = load_vae(vae_dir)
+        text_encoder = TextEncoder.from_dir(t5_dir, cache_dir=text_cache_dir, min_vocab=min_vocab,
+                                            max_length=max_text_length)
+        hashes = {"infinity": model_hash(infinity_dir), "vae": model_hash(vae_dir), "t5": model_hash(t5_dir)}
+        return cls(infinity_cfg, infinity_params, vae_cfg, vae_params, text_encoder, hashes)
+
+    def check_compatible(self) -> None:
+        if self.text_encoder.cfg.d_model != self.infinity_cfg.text_channels:
+            raise ValueError(f"the text encoder is {self.text_encoder.cfg.d_model} wide, the transformer expects "
+                             f"{self.infinity_cfg.text_channels}")
+        if self.vae_cfg.codebook_dim != self.infinity_cfg.codebook_dim:
+            raise ValueError(f"the tokenizer has {self.vae_cfg.codebook_dim} bits, the transformer "
+                             f"{self.infinity_cfg.codebook_dim}")
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], sampling: SamplingConfig,
+                 schedule: schedules.Schedule, negative_prompt: str = "", params: Any = None) -> np.ndarray:
+        """uint8 RGB images [B, H, W, 3], one per prompt, each from its own seed.
+
+        `params` replaces the transformer parameters (e.g. an erased model sharing the other two).
+        """
+        from varejax.models.bsq_vae import decode_jit
+
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        text, mask = self.text_encoder.encode(list(prompts))
+        negative = {}
+        if negative_prompt:
+            neg_text, neg_mask = self.text_encoder.encode([negative_prompt] * len(prompts))
+            negative = {"negative_text": neg_text, "negative_mask": neg_mask}
+        keys = jax.vmap(jax.random.key)(np.asarray(seeds, np.uint32))
+        out = generate_jit(self.infinity_params if params is None else params, text, mask, schedule,
+                           cfg=self.infinity_cfg, sampling=sampling, rng=None if sampling.greedy else keys, **negative)
+        decoded = decode_jit(self.vae_params, out.summed_codes, self.vae_cfg)
+        return image_io.to_uint8(np.asarray(decoded))
+
+
+def sampling_from_config(config: Any) -> SamplingConfig:
+    return SamplingConfig(cfg=tuple(float(c) for c in _as_tuple(config.cfg)),
+                          tau=tuple(float(t) for t in _as_tuple(config.tau)),
+                          top_k=int(config.top_k), top_p=float(config.top_p), greedy=bool(config.greedy))
+
+
+def _as_tuple(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
+    """Tiles [N, H, W, 3] images into one image, row by row (missing cells black)."""
+    n, h, w, c = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    grid = np.zeros((rows * h, columns * w, c), images.dtype)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
+    return grid
+
+
+def plan_images(prompts: Sequence[str], images_per_prompt: int, seed: int) -> list[tuple[str, int]]:
+    """(prompt, seed) of every image: seeds seed, seed+1, ... in prompt-major order."""
+    out = []
+    for p, prompt in enumerate(prompts):
+        for k in range(images_per_prompt):
+            out.append((prompt, seed + p * images_per_prompt + k))
+    return out
+
+
+def _read_uint8(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def run_sampling(config: Any, workdir: str | os.PathLike, pipeline: Pipeline | None = None) -> list[dict]:
+    """The `varejax sample` stage: images, records and a grid in `workdir`; returns the records."""
+    from tqdm import tqdm
+
+    workdir = Path(workdir)
+    out_dir = workdir / "images"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if pipeline is None:
+        missing = [k for k in ("infinity", "vae", "t5") if not config.model[k]]
+        if missing:
+            raise ValueError(f"config.model.{missing[0]} is empty: give the converted model folder "
+                             f"(varejax convert {missing[0]} ...)")
+        pipeline = Pipeline.from_dirs(config.model.infinity, config.model.vae, config.model.t5,
+                                      text_cache_dir=config.text_cache_dir or str(workdir / "text_cache"),
+                                      min_vocab=config.model.min_vocab, **dict(config.numerics))
+    pipeline.check_compatible()
+    sampling = sampling_from_config(config.sampling)
+    schedule = schedules.get_schedule(config.h_div_w, config.pn)
+    plan = plan_images(list(config.prompts), config.images_per_prompt, config.seed)
+    todo = [i for i in range(len(plan)) if not (out_dir / f"{i:05d}.json").exists()]
+    batch = max(1, int(config.batch_size))
+    for start in tqdm(range(0, len(todo), batch), desc="sampling", unit="batch", disable=not todo):
+        chunk = todo[start:start + batch]
+        # Pad the last batch to a full one so the sampler compiles once.
+        padded = chunk + [chunk[-1]] * (batch - len(chunk))
+        images = pipeline.generate([plan[i][0] for i in padded], [plan[i][1] for i in padded], sampling, schedule,
+                                   negative_prompt=config.negative_prompt)
+        for i, image in zip(chunk, images, strict=False):
+            prompt, seed = plan[i]
+            record = {"index": i, "prompt": prompt, "seed": seed, "negative_prompt": config.negative_prompt,
+                      "cfg": list(sampling.cfg), "tau": list(sampling.tau), "top_k": sampling.top_k,
+                      "top_p": sampling.top_p, "greedy": sampling.greedy, "h_div_w": config.h_div_w,
+                      "pn": config.pn, "schedule": [list(s) for s in schedule], "models": pipeline.hashes}
+            image_io.save_image(out_dir / f"{i:05d}.png", image)
+            tmp = out_dir / f".{i:05d}.json.tmp"
+            tmp.write_text(json.dumps(record, indent=1) + "\n")
+            os.replace(tmp, out_dir / f"{i:05d}.json")  # the record last: it marks the image done
+    records = [json.loads((out_dir / f"{i:05d}.json").read_text()) for i in range(len(plan))]
+    all_images = np.stack([_read_uint8(out_dir / f"{i:05d}.png") for i in range(len(plan))])
+    image_io.save_image(workdir / "grid.png", image_grid(all_images))
+    return records
