@@ -42,21 +42,26 @@ class Pipeline:
     vae_params: Any
     text_encoder: Any
     hashes: dict[str, str] = dataclasses.field(default_factory=dict)
+    mesh: Any = None
+    rules: Any = None
 
     @classmethod
     def from_dirs(cls, infinity_dir: str, vae_dir: str, t5_dir: str, *, text_cache_dir: str | None = None,
-                  min_vocab: int = 32100, max_text_length: int = 512, **numerics: Any) -> Pipeline:
-        """Loads converted model folders (`varejax convert infinity|vae|t5`)."""
+                  min_vocab: int = 32100, max_text_length: int = 512, mesh: Any = None, rules: Any = None,
+                  **numerics: Any) -> Pipeline:
+        """Loads converted model folders (`varejax convert infinity|vae|t5`), sharded onto `mesh` if given."""
         from varejax.convert.infinity import load_infinity
         from varejax.models.bsq_vae import load_vae
+        from varejax.parallel import DEFAULT_RULES
         from varejax.sample.text_features import TextEncoder
 
-        infinity_cfg, infinity_params = load_infinity(infinity_dir, **numerics)
-        vae_cfg, vae_params = load_vae(vae_dir)
+        rules = rules or DEFAULT_RULES
+        infinity_cfg, infinity_params = load_infinity(infinity_dir, mesh=mesh, rules=rules, **numerics)
+        vae_cfg, vae_params = load_vae(vae_dir, mesh, rules=rules)
         text_encoder = TextEncoder.from_dir(t5_dir, cache_dir=text_cache_dir, min_vocab=min_vocab,
-                                            max_length=max_text_length)
+                                            max_length=max_text_length, mesh=mesh, rules=rules)
         hashes = {"infinity": model_hash(infinity_dir), "vae": model_hash(vae_dir), "t5": model_hash(t5_dir)}
-        return cls(infinity_cfg, infinity_params, vae_cfg, vae_params, text_encoder, hashes)
+        return cls(infinity_cfg, infinity_params, vae_cfg, vae_params, text_encoder, hashes, mesh, rules)
 
     def check_compatible(self) -> None:
         if self.text_encoder.cfg.d_model != self.infinity_cfg.text_channels:
@@ -82,10 +87,18 @@ class Pipeline:
             neg_text, neg_mask = self.text_encoder.encode([negative_prompt] * len(prompts))
             negative = {"negative_text": neg_text, "negative_mask": neg_mask}
         keys = jax.vmap(jax.random.key)(np.asarray(seeds, np.uint32))
-        out = generate_jit(self.infinity_params if params is None else params, text, mask, schedule,
-                           cfg=self.infinity_cfg, sampling=sampling, rng=None if sampling.greedy else keys, **negative)
-        decoded = decode_jit(self.vae_params, out.summed_codes, self.vae_cfg)
+        with self._sharding():
+            out = generate_jit(self.infinity_params if params is None else params, text, mask, schedule,
+                               cfg=self.infinity_cfg, sampling=sampling, rng=None if sampling.greedy else keys,
+                               **negative)
+            decoded = decode_jit(self.vae_params, out.summed_codes, self.vae_cfg)
         return image_io.to_uint8(np.asarray(decoded))
+
+    def _sharding(self):
+        import contextlib
+
+        from varejax.parallel import sharding_context
+        return contextlib.nullcontext() if self.mesh is None else sharding_context(self.mesh, self.rules)
 
 
 def sampling_from_config(config: Any) -> SamplingConfig:
@@ -138,9 +151,16 @@ def run_sampling(config: Any, workdir: str | os.PathLike, pipeline: Pipeline | N
         if missing:
             raise ValueError(f"config.model.{missing[0]} is empty: give the converted model folder "
                              f"(varejax convert {missing[0]} ...)")
+        from varejax.configlib import rules_tuple
+        from varejax.parallel import make_mesh
+        from varejax.parallel.distributed import initialize
+
+        initialize()
+        mesh = make_mesh(tuple(config.mesh.shape))
         pipeline = Pipeline.from_dirs(config.model.infinity, config.model.vae, config.model.t5,
                                       text_cache_dir=config.text_cache_dir or str(workdir / "text_cache"),
-                                      min_vocab=config.model.min_vocab, **dict(config.numerics))
+                                      min_vocab=config.model.min_vocab, mesh=mesh,
+                                      rules=rules_tuple(config.mesh.rules), **dict(config.numerics))
     pipeline.check_compatible()
     sampling = sampling_from_config(config.sampling)
     schedule = schedules.get_schedule(config.h_div_w, config.pn)
