@@ -52,3 +52,23 @@ def converted_vae(tmp_path_factory):
         return cache[folder]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory, converted_infinity, converted_vae):
+    """Converted folders of a whole tiny text-to-image model: the first Infinity fixture's transformer and
+    tokenizer, and a random tiny T5 of the matching width with a small word tokenizer (min_vocab 100)."""
+    from tests import t5_helpers
+
+    folders = fixtures.infinity_folders()
+    if not folders:
+        pytest.skip(f"no Infinity fixture folder under {fixtures.root()}")
+    folder = folders[0]
+    width = fixtures.config(folder)["transformer_config"]["Ct5"]
+    t5_src = tmp_path_factory.mktemp("t5_src")
+    t5_helpers.make_encoder(seed=0, d_model=width, d_kv=width // 4).save_pretrained(t5_src)
+    t5_helpers.small_word_tokenizer().save(str(t5_src / "tokenizer.json"))
+    t5_dir = tmp_path_factory.mktemp("t5") / "t5"
+    t5_helpers.convert(t5_src, t5_dir)
+    return {"infinity": converted_infinity(folder), "vae": converted_vae(folder), "t5": str(t5_dir),
+            "fixture": str(folder)}

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests import fixtures, t5_helpers
+from tests import fixtures
 from varejax.cli import main
 from varejax.configlib import load_config
 from varejax.sample.pipeline import Pipeline, image_grid, plan_images
@@ -20,15 +20,8 @@ pytestmark = pytest.mark.skipif(not FOLDERS, reason="no Infinity fixture folder"
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory, converted_infinity, converted_vae):
-    folder = FOLDERS[0]
-    width = fixtures.config(folder)["transformer_config"]["Ct5"]
-    t5_src = tmp_path_factory.mktemp("t5_src")
-    t5_helpers.make_encoder(seed=0, d_model=width, d_kv=width // 4).save_pretrained(t5_src)
-    t5_helpers.small_word_tokenizer().save(str(t5_src / "tokenizer.json"))
-    t5_dir = tmp_path_factory.mktemp("t5") / "t5"
-    t5_helpers.convert(t5_src, t5_dir)
-    return {"infinity": converted_infinity(folder), "vae": converted_vae(folder), "t5": str(t5_dir)}
+def model_dirs(tiny_model_dirs):
+    return tiny_model_dirs
 
 
 def _overrides(dirs, **extra):

@@ -96,3 +96,4 @@ def test_mesh_shapes():
     assert make_mesh((-1, 2, 1)).shape == {"data": 4, "fsdp": 2, "tensor": 1}
     with pytest.raises(ValueError, match="needs 16 devices"):
         make_mesh((4, 4, 1))
+    assert make_mesh((1, 1, 1)).devices.size == 1

@@ -10,10 +10,11 @@ import argparse
 import sys
 
 from varejax.convert import cli as convert_cli
+from varejax.erase import cli as erase_cli
 from varejax.sample import cli as sample_cli
 
 # Stages configured by `--config file.py --config.field=value` (ml_collections); unknown args are overrides.
-CONFIG_STAGES = ("sample",)
+CONFIG_STAGES = ("sample", "erase")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,21 +24,21 @@ def build_parser() -> argparse.ArgumentParser:
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     convert_cli.add_parser(stages)
     sample_cli.add_parser(stages)
+    erase_cli.add_parser(stages)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # Config overrides are taken out first: argparse would read a value with spaces as a positional.
+    overrides = [a[2:] for a in argv if a.startswith("--config.")]
+    argv = [a for a in argv if not a.startswith("--config.")]
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    args = parser.parse_args(argv)
     if args.stage == "convert":
-        if unknown:
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        if overrides:
+            parser.error("convert takes no --config.* overrides")
         return convert_cli.run(args)
-    bad = [a for a in unknown if not a.startswith("--config.")]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides look like --config.field=value)")
-    overrides = [a[2:] for a in unknown]
     return _run_config_stage(args, overrides)
 
 
@@ -45,10 +46,11 @@ def _run_config_stage(args, overrides: list[str]) -> int:
     """Runs a config-driven stage; user errors (bad config, missing files) give one line and status 2."""
     from varejax.checkpoint import ModelDirError
     from varejax.convert.sources import CheckpointError
+    from varejax.erase.trainer import NonFiniteLossError
 
     try:
         return args.run(args, overrides)
-    except (FileNotFoundError, KeyError, ValueError, CheckpointError, ModelDirError) as err:
+    except (FileNotFoundError, KeyError, ValueError, CheckpointError, ModelDirError, NonFiniteLossError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {message}", file=sys.stderr)
         return 2

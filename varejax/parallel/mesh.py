@@ -15,7 +15,8 @@ from varejax.parallel.rules import DEFAULT_RULES, MESH_AXES, LogicalRules, logic
 def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[Any] | None = None) -> Mesh:
     """A mesh over `devices` (default: all) with axes (data, fsdp, tensor).
 
-    One entry of `shape` may be -1 (filled with the remaining devices). Axes are explicitly
+    One entry of `shape` may be -1 (filled with the remaining devices); a mesh smaller than the device
+    count uses the first devices (e.g. (1, 1, 1) for a single-device run on a multi-device host). Axes are explicitly
     `AxisType.Auto`: `jax.make_mesh` otherwise defaults to Explicit axes, under which GSPMD-style
     logical constraints do not apply.
     """
@@ -31,8 +32,9 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[Any] | None =
     if -1 in shape:
         shape[shape.index(-1)] = len(devices) // known
     total = shape[0] * shape[1] * shape[2]
-    if total != len(devices):
+    if total > len(devices) or total < 1:
         raise ValueError(f"mesh {tuple(shape)} needs {total} devices, {len(devices)} available")
+    devices = devices[:total]
     axis_types = (jax.sharding.AxisType.Auto,) * 3
     return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=axis_types, devices=devices)
 

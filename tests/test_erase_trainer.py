@@ -1,0 +1,201 @@
+"""The S-VARE trainer end to end on tiny models: prepare, train, checkpoints, resume after a real kill,
+non-finite losses, exports, validation images, and a sharded step equal to the single-device one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from tests import fixtures
+from varejax.configlib import load_config
+from varejax.data.pairs import PromptPair, write_pairs
+from varejax.erase import optim
+from varejax.erase.export import apply_delta, delta_tensors
+from varejax.erase.trainer import NonFiniteLossError, run_erase
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "erase.py")
+WORDS = ["red car", "blue house", "green tree", "small bird", "old man", "big dog"]
+
+
+def _pairs_file(tmp_path: Path, n: int = 4) -> str:
+    pairs = [PromptPair(f"a painting of a {WORDS[i % 6]} in the city at night",
+                        f"a photo of a {WORDS[i % 6]} in the city", "painting") for i in range(n)]
+    path = tmp_path / "pairs.jsonl"
+    write_pairs(pairs, path)
+    return str(path)
+
+
+def _overrides(dirs, pairs, **extra):
+    schedule = fixtures.schedule(fixtures.config(dirs["fixture"]))
+    items = {"model.infinity": dirs["infinity"], "model.t5": dirs["t5"], "model.vae": dirs["vae"],
+             "model.min_vocab": 100, "pairs": (pairs,), "schedule": schedule, "prepare.batch_size": 2,
+             "train.steps": 8, "train.batch_size": 2, "train.learning_rate": 1e-3, "train.checkpoint_every": 4,
+             "train.remat": False, "train.cond_drop_rate": 0.0, "train.drop_path_rate": 0.0,
+             "numerics.compute_dtype": "float32", "numerics.matmul_precision": "highest",
+             "mesh.shape": (1, 1, 1), "validation.prompts": (), "validation.every": 0, **extra}
+    return [f"config.{k}={v!r}" for k, v in items.items()]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dirs, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("erase")
+    config = load_config(CONFIG, _overrides(tiny_model_dirs, _pairs_file(tmp), **{
+        "validation.prompts": ("a red car",), "validation.every": 4}))
+    result = run_erase(config, tmp / "run")
+    return config, result
+
+
+def _metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_run_lowers_fce_and_kept_fraction(finished_run):
+    _, result = finished_run
+    metrics = _metrics(result.workdir)
+    assert [m["step"] for m in metrics] == list(range(1, 9))
+    first, last = metrics[0], metrics[-1]
+    assert last["loss_erase"] < first["loss_erase"]
+    assert last["kept_fraction"] < first["kept_fraction"]
+    assert {"loss_pre", "grad_norm_erase", "grad_norm_pre", "lr", "kept_fraction_per_scale"} <= set(first)
+    assert len(first["kept_fraction_per_scale"]) == len(fixtures.schedule(fixtures.config(
+        fixtures.infinity_folders()[0])))
+    assert any((result.workdir / "tb").iterdir())
+
+
+def test_only_trainable_parameters_change_and_exports(finished_run):
+    _, result = finished_run
+    changed = optim.trainable_mask(result.params)
+    from varejax.models.apply import flat_params
+    before = {k: np.asarray(v) for k, v in flat_params(result.original_params).items()}
+    after = {k: np.asarray(v) for k, v in flat_params(result.params).items()}
+    for path, trainable in changed.items():
+        if trainable:
+            assert not np.array_equal(before[path], after[path]), path
+        else:
+            np.testing.assert_array_equal(before[path], after[path], err_msg=str(path))
+    # The erased model folder and the upstream-layout deltas reproduce the final parameters.
+    from varejax.convert.infinity import load_infinity
+    _, exported = load_infinity(str(result.workdir / "model"))
+    for path, value in flat_params(exported).items():
+        np.testing.assert_array_equal(np.asarray(value), after[path])
+    deltas = delta_tensors(result.cfg, result.params, result.original_params)
+    assert "block_chunks.0.module.0.ca.mat_q.weight" in deltas
+    assert "block_chunks.0.module.0.sa.proj.weight" not in deltas
+    rebuilt = apply_delta(result.cfg, result.original_params, result.workdir / "delta.safetensors")
+    for path, value in flat_params(rebuilt).items():
+        np.testing.assert_allclose(np.asarray(value), after[path], atol=1e-7)
+
+
+def test_trajectories_and_validation_images(finished_run):
+    config, result = finished_run
+    files = sorted((result.workdir / "trajectories").glob("*.npz"))
+    assert len(files) == 4
+    with np.load(files[0]) as data:
+        L = sum(h * w for _, h, w in fixtures.schedule(fixtures.config(fixtures.infinity_folders()[0])))
+        assert data["gt_bits"].shape == (L, result.cfg.bits_per_token)
+        assert data["x_BLC_wo_prefix"].shape == (L - 1, result.cfg.bits_per_token)
+        assert data["teacher_logits"].shape == data["concept_logits"].shape == (L, result.cfg.num_logits)
+        assert json.loads(str(data["pair"]))["anchor"].startswith("a photo of")
+    assert sorted(p.name for p in (result.workdir / "validation").glob("*.png")) == [
+        "step_000000.png", "step_000004.png", "step_000008.png"]
+    # prepare is resumable: a second call samples nothing and leaves the files untouched.
+    from varejax.erase import prepare as prepare_module
+    stamps = [f.stat().st_mtime_ns for f in files]
+    calls = []
+    real = prepare_module.generate_jit
+    prepare_module.generate_jit = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        run_erase(config, result.workdir, phase="prepare")
+    finally:
+        prepare_module.generate_jit = real
+    assert calls == [] and [f.stat().st_mtime_ns for f in files] == stamps
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dirs, tmp_path):
+    pairs = _pairs_file(tmp_path)
+    good = load_config(CONFIG, _overrides(tiny_model_dirs, pairs, **{"train.steps": 2, "train.checkpoint_every": 1}))
+    run_erase(good, tmp_path / "run")
+    # Resume with an absurd learning rate: the first new step blows up.
+    bad = load_config(CONFIG, _overrides(tiny_model_dirs, pairs, **{
+        "train.learning_rate": 1e30, "train.max_grad_norm": 1e30, "train.checkpoint_every": 1, "train.steps": 6}))
+    with pytest.raises(NonFiniteLossError, match=r"step 3: loss_\w+ = (nan|inf).*last good checkpoint \(step 2\)"):
+        run_erase(bad, tmp_path / "run")
+    steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 2
+    assert [m["step"] for m in _metrics(tmp_path / "run")] == [1, 2]
+
+
+def _cli(workdir: Path, overrides: list[str], env: dict) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "varejax", "erase", "--config", CONFIG, "--workdir", str(workdir)]
+    return subprocess.Popen(cmd + ["--" + o for o in overrides], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_run_resumes_to_identical_parameters(tiny_model_dirs, tmp_path):
+    overrides = _overrides(tiny_model_dirs, _pairs_file(tmp_path), **{"train.steps": 6,
+                                                                     "train.checkpoint_every": 1})
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(REPO / ".jax_cache"),
+               XLA_FLAGS="--xla_backend_optimization_level=0")
+    reference = _cli(tmp_path / "reference", overrides, env)
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()
+
+    victim = _cli(tmp_path / "killed", overrides, env)
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 600
+    while time.time() < deadline and victim.poll() is None:
+        if checkpoints.exists() and any(p.name.isdigit() and int(p.name) >= 2 for p in checkpoints.iterdir()):
+            break
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run finished before it could be killed"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "killed" / "model").exists()
+    resumed = _cli(tmp_path / "killed", overrides, env)
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+
+    from varejax.checkpoint import restore_flat
+    a, b = restore_flat(tmp_path / "reference" / "model"), restore_flat(tmp_path / "killed" / "model")
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
+    steps = [m["step"] for m in _metrics(tmp_path / "killed")]
+    assert steps == list(range(1, 7))
+
+
+def test_sharded_step_equals_single_device(finished_run):
+    from varejax.erase.data import TrajectoryBatches, text_length
+    from varejax.erase.step import SvareConfig, alternating_update, jit_step
+    from varejax.parallel import DEFAULT_RULES, batch_sharding, make_mesh, shard_state, sharding_context
+
+    _, result = finished_run
+    files = sorted((result.workdir / "trajectories").glob("*.npz"))
+    batch = TrajectoryBatches(files, 4, 0, text_length(files))[0]
+    schedule = fixtures.schedule(fixtures.config(fixtures.infinity_folders()[0]))
+    scfg = SvareConfig()
+    step = jit_step(alternating_update)
+    params = result.original_params
+    ref_params, _, ref_metrics = step(params, optim.init_opt_state(params), batch, cfg=result.cfg,
+                                      schedule=schedule, scfg=scfg)
+    mesh = make_mesh((2, 2, 2))
+    with sharding_context(mesh, DEFAULT_RULES):
+        sharded = shard_state(params, mesh)
+        opt_state = jax.jit(optim.init_opt_state)(sharded)
+        sharded_batch = {k: jax.device_put(v, batch_sharding(mesh, DEFAULT_RULES, v.ndim)) for k, v in batch.items()}
+        new_params, _, metrics = jit_step(alternating_update)(sharded, opt_state, sharded_batch, cfg=result.cfg,
+                                                              schedule=schedule, scfg=scfg)
+    assert abs(float(metrics["loss_erase"]) - float(ref_metrics["loss_erase"])) <= 1e-6
+    from varejax.models.apply import flat_params
+    ref = flat_params(ref_params)
+    for path, value in flat_params(new_params).items():
+        np.testing.assert_allclose(np.asarray(value), np.asarray(ref[path]), atol=1e-6, err_msg=str(path))

@@ -1,0 +1,32 @@
+"""`varejax erase [prepare|train|all] --config configs/erase.py:CONCEPT --workdir DIR [--config.x=y ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("erase", help="S-VARE concept erasure (prepare trajectories, train, export)",
+                                   description=__doc__)
+    parser.add_argument("phase", nargs="?", default="all", choices=("all", "prepare", "train"),
+                        help="prepare = only the VARE anchor trajectories; train = prepare if needed, then train")
+    parser.add_argument("--config", default="configs/erase.py", help="config file[:arg]")
+    parser.add_argument("--workdir", required=True, help="run folder (re-running resumes)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from varejax.configlib import load_config
+    from varejax.erase.trainer import run_erase
+
+    config = load_config(args.config, overrides)
+    config_dir = os.path.dirname(os.path.abspath(args.config.partition(":")[0]))
+    result = run_erase(config, args.workdir, phase="prepare" if args.phase == "prepare" else "all",
+                       config_dir=config_dir)
+    if result is None:
+        print(f"trajectories in {args.workdir}/trajectories")
+    else:
+        print(f"{result.steps} steps in {result.seconds:.0f}s; erased model in {args.workdir}/model, "
+              f"deltas in {args.workdir}/delta.safetensors")
+    return 0
