@@ -209,6 +209,16 @@ class CrossAttnBlock(nnx.Module):
         return constrain(x, BATCH_LEN_EMBED), (k, v)
 
 
+def _remat_block(block: CrossAttnBlock, *args: jax.Array | None) -> jax.Array:
+    """The block under `jax.checkpoint` (activations recomputed in the backward pass).
+
+    The block's state goes in as an explicit argument: parameters may come from different traces
+    (frozen ones closed over, trainable ones differentiated), which `nnx.remat` refuses to mix.
+    """
+    graphdef, state = nnx.split(block)
+    return jax.checkpoint(lambda st, *a: nnx.merge(graphdef, st)(*a))(state, *args)
+
+
 class Infinity(nnx.Module):
     """Infinity: text-conditioned next-scale prediction over bitwise tokens."""
 
@@ -317,8 +327,7 @@ class Infinity(nnx.Module):
         block_rngs = jax.random.split(rng_blocks, cfg.depth) if rng_blocks is not None else [None] * cfg.depth
         for i, block in enumerate(self.blocks):
             if cfg.remat:
-                x = nnx.remat(lambda blk, *args: blk(*args))(block, x, gss, text_BTD, text_mask, attn_mask, cos,
-                                                              sin, block_rngs[i])
+                x = _remat_block(block, x, gss, text_BTD, text_mask, attn_mask, cos, sin, block_rngs[i])
             else:
                 x = block(x, gss, text_BTD, text_mask, attn_mask, cos, sin, block_rngs[i])
             self._capture(f"block{i}", x[:, :L])

@@ -73,3 +73,18 @@ def shard_state(state: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> 
 def batch_sharding(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES, ndim: int = 1) -> NamedSharding:
     """Sharding of a batch-major array: dim 0 is `act_batch`, the rest replicated."""
     return NamedSharding(mesh, logical_to_spec(("act_batch",) + (None,) * (ndim - 1), rules, mesh))
+
+
+def abstract_sharded_state(state: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Any:
+    """The state with every value a `jax.ShapeDtypeStruct` carrying its rule-given sharding (no memory).
+
+    What AOT lowering (`jit(...).lower(...)`) and sharded restores take as a target.
+    """
+    out = []
+    for path, var in nnx.to_flat_state(state):
+        value = var.get_value() if hasattr(var, "get_value") else var.value
+        logical = getattr(var, "logical_axes", None)
+        spec = PartitionSpec() if logical is None else logical_to_spec(logical, rules, mesh, value.shape)
+        out.append((path, var.replace(jax.ShapeDtypeStruct(value.shape, value.dtype,
+                                                            sharding=NamedSharding(mesh, spec)))))
+    return nnx.from_flat_state(out)
