@@ -1,0 +1,1 @@
+"""Evaluation: detectors' outputs -> erasure rate, preservation, Frechet distance; reports."""
