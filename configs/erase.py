@@ -8,6 +8,10 @@
 `arg`: nudity | church | van_gogh | multi (church and Van Gogh in one run, pairs pooled and balanced).
 Pair files are under configs/pairs/ (paths relative to this folder). Official recipe: 50 pairs,
 500 iterations, batch 2, alternating erase/preserve AdamW steps, lr 2.34375e-5, clip 5, 1024 px.
+
+Options the official code has but does not use by default:
+    --config.train.trainable=lora [--config.train.lora_rank=4 --config.train.lora_targets="('mat_qkv','mat_kv','proj')"]
+    --config.train.bf16_params=True     # pure-bf16 parameters and AdamW state, as upstream trains
 """
 
 from __future__ import annotations
@@ -57,7 +61,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.reg_lambda = 0.5
     config.train.summed_lambda = 1.0
     config.train.esd_eta = 1.0
-    config.train.trainable = "ca_ffn"    # ca_ffn | ca_ffn_sa | all
+    config.train.trainable = "ca_ffn"    # ca_ffn | ca_ffn_sa | all | lora
+    # LoRA (only with trainable = "lora"; official optional LoRA: rank 4 on mat_qkv, mat_kv, proj).
+    config.train.lora_rank = 4
+    config.train.lora_alpha = 0.0        # scale = alpha / rank; 0 = alpha equals rank (scale 1)
+    config.train.lora_targets = ("mat_qkv", "mat_kv", "proj")  # or sa.mat_qkv, ca.mat_q, ffn.fc1, ...
+    # Upstream stores the fine-tuned weights AND the AdamW moments in bf16 (no fp32 master weights).
+    config.train.bf16_params = False
     config.train.learning_rate = 2.34375e-5
     config.train.b1 = 0.9
     config.train.b2 = 0.97

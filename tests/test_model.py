@@ -173,3 +173,19 @@ def test_patchified_model_predicts_4d_bits():
     out = apply.forward_jit(params, np.zeros((1, 3, CFG.text_channels), np.float32), np.ones((1, 3)),
                             np.zeros((1, L - 1, 16), np.float32), SCHEDULE, cfg=cfg)
     assert out.shape == (1, L, 32)
+
+
+def test_chunked_attention_equals_xla(setup):
+    params, text, mask, x = setup
+    from varejax.models import attention as attn
+
+    sched = schedules.get_schedule(1.0, "0.06M")
+    Lp = schedules.padded_length(sched, 128)
+    rng = np.random.RandomState(0)
+    q, k, v = (jnp.asarray(rng.randn(2, Lp, 2, 8).astype(np.float32)) for _ in range(3))
+    m = attn.block_causal_mask(sched, Lp)
+    loss = lambda impl: lambda q: (attn.dot_product_attention(q, k, v, m, scale=0.3, implementation=impl) ** 2).sum()
+    np.testing.assert_allclose(np.asarray(jax.grad(loss("chunked"))(q)), np.asarray(jax.grad(loss("xla"))(q)),
+                               atol=1e-5)
+    np.testing.assert_allclose(_fwd(params, text, mask, x, cfg=CFG.replace(attention_impl="chunked")),
+                               _fwd(params, text, mask, x), atol=1e-5)

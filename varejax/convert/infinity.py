@@ -94,7 +94,7 @@ def convert_infinity(src: str, arch: str, out: str | None, *, dry_run: bool = Fa
                               progress=wrap)
     meta: dict[str, Any] = {
         "format": FORMAT,
-        "model": cfg.to_dict(),
+        "model": cfg.without_lora().to_dict(),  # the folder holds no adapters; load_infinity can add them
         "source": {"path": str(src), "layout": source.layout, "sha256": source_fingerprint(source),
                    "tensors": len(p.rules) + len(p.dropped), "dropped_buffers": len(p.dropped)},
     }
@@ -113,25 +113,31 @@ def load_infinity(model_dir: str, *, mesh=None, rules=None, **overrides):
     """Loads a converted model folder -> (InfinityConfig, nnx.State).
 
     Args:
-      model_dir: output of `varejax convert infinity`.
+      model_dir: output of `varejax convert infinity` (or an erased model written by `varejax erase`).
       mesh: when given, parameters are restored straight onto the mesh, sharded by `rules`.
-      **overrides: numerics to change (compute_dtype, ca_bf16_rounding, ...); architecture fields must
-        match the folder's.
+      **overrides: numerics to change (compute_dtype, param_dtype, ca_bf16_rounding, ...); architecture
+        fields must match the folder's. LoRA fields are numerics too: `lora_rank=4` on a folder without
+        adapters adds them (A from `lora_seed`, B = 0: the same model); adapters the folder holds are
+        loaded when the requested config has them and merged into their kernels when it does not
+        (`varejax.models.lora.retarget`).
     """
     import jax
 
     from varejax.checkpoint import ModelDirError, read_config, restore_flat
     from varejax.models import apply
+    from varejax.models.config import LORA_FIELDS
 
     meta = read_config(model_dir)
     if meta.get("format") != FORMAT:
         raise ModelDirError(f"{model_dir}: config.json format is {meta.get('format')!r}, expected {FORMAT!r}")
-    cfg = InfinityConfig.from_dict(meta["model"])
-    changed = {k for k in overrides if k in cfg.arch_dict() and overrides[k] != getattr(cfg, k)}
+    stored = InfinityConfig.from_dict(meta["model"])
+    changed = {k for k in overrides if k in stored.arch_dict() and overrides[k] != getattr(stored, k)}
     if changed:
         raise ModelDirError(f"cannot change architecture fields {sorted(changed)} of a converted model")
-    cfg = cfg.replace(**overrides)
-    abstract = apply.abstract_params(cfg)
+    cfg = stored.replace(**overrides)
+    # What the folder holds: the requested numerics with the folder's own adapters (if any).
+    src = cfg.replace(**{k: getattr(stored, k) for k in LORA_FIELDS})
+    abstract = apply.abstract_params(src)
     flat_abstract = apply.flat_params(abstract)
     target = None
     if mesh is not None:
@@ -140,7 +146,10 @@ def load_infinity(model_dir: str, *, mesh=None, rules=None, **overrides):
         target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in flat_abstract.items()}
     flat = restore_flat(model_dir, target)
     try:
-        state = apply.state_from_flat(cfg, flat)
+        state = apply.state_from_flat(src, flat)
     except (KeyError, ValueError) as err:
         raise ModelDirError(f"{model_dir}: parameters do not match its config.json: {err}") from None
+    from varejax.models import lora
+    if not lora.same_adapters(src, cfg):
+        state = lora.retarget(src, state, cfg, mesh=mesh, rules=rules)
     return cfg, state

@@ -11,6 +11,9 @@ Generated from the abstract parameter tree of a config, so it covers every param
   Dense `kernel` [in, out]      <- Linear `weight` [out, in] (transposed)
   norm `scale`                  <- `weight`
 
+LoRA factors (`lora_a`, `lora_b`, present when the config enables LoRA) are not upstream parameters and
+have no key: the table is the same with or without adapters.
+
 Buffers: every attention's `zero_k_bias` (must be zero, then dropped). Caches that old checkpoints
 may carry (`lvl_1L`, `attn_bias_for_masking`, ...) are dropped as upstream's loader drops them.
 """
@@ -18,7 +21,7 @@ may carry (`lvl_1L`, `attn_bias_for_masking`, ...) are dropped as upstream's loa
 from __future__ import annotations
 
 from varejax.convert.strict import BufferRule, KeyRule, must_be_zero, transpose_2d
-from varejax.models.config import InfinityConfig
+from varejax.models.config import InfinityConfig, is_lora_path
 
 _TOP_LEVEL = {
     "text_proj_for_sos": "text_proj_for_sos.ca",
@@ -55,6 +58,8 @@ def infinity_rules(cfg: InfinityConfig) -> tuple[list[KeyRule], list[BufferRule]
 
     rules = []
     for parts, leaf in flat_params(abstract_params(cfg)).items():
+        if is_lora_path(parts):
+            continue
         key, transpose = upstream_key(parts, cfg)
         shape = tuple(leaf.shape)
         rules.append(KeyRule(key, parts, shape[::-1] if transpose else shape,

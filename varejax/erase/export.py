@@ -2,7 +2,16 @@
 
 `delta.safetensors` holds, for every trained tensor, `finetuned - original` under the **upstream
 state_dict key** and in **torch layout** (Linear weights [out, in]), so it can be added to the official
-PyTorch checkpoint (`sd[k] += delta[k]`) as well as to ours (`apply_delta`).
+PyTorch checkpoint (`sd[k] += delta[k]`) as well as to ours (`apply_delta`). Deltas are float32 whatever
+the parameter dtype (bf16 parameters give exact deltas: a difference of two bf16 values fits float32).
+
+LoRA (trainable mode "lora"): the factors are not upstream tensors, so the exports hold MERGED weights.
+The delta of a target kernel is scale * A @ B (minus the same for the original's factors, which is 0
+for fresh adapters), float32, transposed to torch layout; the erased model folder holds the kernels
+merged with exactly `apply_delta`'s arithmetic (`varejax.models.lora.merge`) and no factors, so it is a
+plain model and "original folder + delta.safetensors" reproduces it bit for bit. `write_erased_model(...,
+merge_lora=False)` keeps the factors instead (`load_infinity` then loads them, or merges them when asked
+for a config without adapters).
 """
 
 from __future__ import annotations
@@ -17,19 +26,12 @@ import numpy as np
 from varejax.convert.infinity import FORMAT
 from varejax.convert.infinity_keys import upstream_key
 from varejax.erase import optim
-from varejax.models import apply
+from varejax.models import apply, lora
 
 DELTA_FORMAT = "varejax-delta/1"
 
 
-def _host(x: Any) -> np.ndarray:
-    """The full array on this host (a collective gather when it is sharded across processes)."""
-    import jax
-
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
+_host = lora.host_array
 
 
 def _is_writer() -> bool:
@@ -38,10 +40,16 @@ def _is_writer() -> bool:
     return jax.process_index() == 0
 
 
-def write_erased_model(out: str | os.PathLike, cfg: Any, params: Any, config: Any = None) -> Path:
-    """Writes the full erased transformer as a model folder (readable by `load_infinity`)."""
+def write_erased_model(out: str | os.PathLike, cfg: Any, params: Any, config: Any = None,
+                       merge_lora: bool = True) -> Path:
+    """Writes the full erased transformer as a model folder (readable by `load_infinity`).
+
+    A model with LoRA adapters is written merged (a plain model) unless `merge_lora` is False.
+    """
     from varejax.checkpoint import write_model_dir
 
+    if cfg.lora_rank and merge_lora:
+        cfg, params = lora.merge(cfg, params)
     flat = {path: _host(v) for path, v in apply.flat_params(params).items()}
     if not _is_writer():
         return Path(out)
@@ -52,13 +60,32 @@ def write_erased_model(out: str | os.PathLike, cfg: Any, params: Any, config: An
 
 
 def delta_tensors(cfg: Any, params: Any, original: Any, trainable: str = "ca_ffn") -> dict[str, np.ndarray]:
-    """{upstream key: finetuned - original} of the trainable tensors, torch layout, float32."""
+    """{upstream key: finetuned - original} of the trainable tensors, torch layout, float32.
+
+    For trainable = "lora": {upstream kernel key: scale * (A B - A0 B0)} of every adapted kernel.
+    """
+    if trainable == "lora":
+        return _lora_deltas(cfg, params, original)
     tuned = optim.trainable_params(params, trainable)
     base = optim.trainable_params(original, trainable)
     out = {}
     for path, value in tuned.items():
         key, transpose = upstream_key(path, cfg)
         delta = _host(value).astype(np.float32) - _host(base[path]).astype(np.float32)
+        out[key] = np.ascontiguousarray(delta.T if transpose else delta)
+    return out
+
+
+def _lora_deltas(cfg: Any, params: Any, original: Any) -> dict[str, np.ndarray]:
+    tuned = lora.merged_deltas(cfg, params)
+    if not tuned:
+        raise ValueError("trainable mode 'lora' but the model has no LoRA factors")
+    base = lora.merged_deltas(cfg, original) if original is not None else {}
+    out = {}
+    for path, delta in tuned.items():
+        if path in base:
+            delta = delta - base[path]  # exact (and a no-op) for fresh adapters, whose B is 0
+        key, transpose = upstream_key(path, cfg)
         out[key] = np.ascontiguousarray(delta.T if transpose else delta)
     return out
 
@@ -72,8 +99,11 @@ def write_delta(path: str | os.PathLike, cfg: Any, params: Any, original: Any, t
     if not _is_writer():
         return path
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": DELTA_FORMAT, "trainable": trainable,
-                                            "model": json.dumps(cfg.arch_dict())})
+    metadata = {"format": DELTA_FORMAT, "trainable": trainable, "model": json.dumps(cfg.arch_dict())}
+    if trainable == "lora":
+        metadata["lora"] = json.dumps({"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank,
+                                       "targets": list(cfg.lora_modules()), "merged": True})
+    save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return path
 

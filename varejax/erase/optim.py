@@ -7,13 +7,17 @@ Trainable selection (`trainable_mask`, modes in TRAINABLE_MODES):
   ca_ffn_sa   + every self-attention parameter sa.* (= upstream enable_sa_layer=1, which is also exactly
               what upstream's enable_all_layer=1 trains).
   all         every parameter of the transformer (full fine-tuning; not an upstream option).
-A LoRA mode would register its own predicate in TRAINABLE_MODES and wrap the Dense layers; it is not
-implemented.
+  lora        only the LoRA factors `lora_a` / `lora_b` (upstream enable_lora=1; the model must be built
+              with `lora_rank > 0`, see `varejax.models.lora`). The base weights stay frozen.
+The first three modes never select LoRA factors (they choose among upstream's own tensors).
 
 Weight decay (`weight_decay_mask`) follows upstream's `filter_params` on the upstream state_dict name:
 no decay for 1-D tensors, names ending in "bias" (so ca.v_bias and sa.q_bias/v_bias too) or names
 containing a `nowd` key (cfg_uncond, pos_start, lvl_embed, ada_gss, scale_mul, text_proj_for_sos.ca.mat_q,
-...); decay for the other trainable tensors (the 2-D kernels).
+...); decay for the other trainable tensors (the 2-D kernels). LoRA factors are never decayed: the
+optimiser groups of upstream's (unused) LoRA option are not recorded, and decaying A and B separately is
+not a decay of the merged update scale * A @ B (it penalises |A|^2 + |B|^2 instead); at lr 2.3e-5 and
+wd 0.005 the factor would be 1 - 1.2e-7 per step anyway.
 
 Optimiser: `adamw_torch` reproduces torch.optim.AdamW(fused=True) step by step (checked bit-for-bit
 against torch on CPU, see tests/test_svare_step.py):
@@ -23,8 +27,19 @@ against torch on CPU, see tests/test_svare_step.py):
     p   <- p - (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps)  bc_i = 1 - b_i^t, eps OUTSIDE the sqrt
 optax.adamw is the same formula up to float32 rounding (eps added to sqrt(v_hat) = sqrt(v)/sqrt(bc2),
 decay as lr * wd * p), but rounds in a different order; `adamw_torch` keeps torch's order.
+Low-precision parameters (bf16 storage, `config.train.bf16_params`, as upstream trains: `block.bfloat16()`
+and fused AdamW on bf16 tensors): torch's fused kernel loads param, grad, exp_avg and exp_avg_sq into
+float32, runs the arithmetic above in float32, and stores all three back rounded to bfloat16 (nearest,
+ties to even); the moments live in the parameter dtype. `adamw_torch` does the same: moments are created
+in each parameter's dtype, every step computes in float32 from the stored values, the new parameter is
+round_bf16(p_new) (applied through a float32 update p' - p, exact for any step that keeps |p'| / |p|
+within 2^16) and the moments are stored rounded. Every bf16 value (gradient, clipped gradient, moment,
+parameter) is rounded explicitly by its bit pattern before float32 arithmetic reads it, because XLA may
+otherwise carry it at float32 precision within one program. Checked against torch's clip_grad_norm_ +
+fused AdamW on bf16 tensors (tests/test_lora.py). For float32 parameters nothing changes.
 `clip_by_global_norm_torch` is torch.nn.utils.clip_grad_norm_: norm = ||(||g_i||)_i||_2 over the
-trainable grads, coef = max_norm / (norm + 1e-6) clamped to <= 1 (a no-op when >= 1).
+trainable grads, coef = max_norm / (norm + 1e-6) clamped to <= 1 (a no-op when >= 1). With bf16
+gradients torch's norms and coefficient are bf16 tensors; ours are rounded the same way (`all_bf16`).
 
 The optimiser works on the flat dict {path: array} of the trainable parameters only (`trainable_params`),
 so frozen parameters have no optimiser state and are never touched. learning_rate, weight_decay and
@@ -47,6 +62,8 @@ from flax import nnx
 
 from varejax.convert.infinity_keys import upstream_key
 from varejax.models.apply import flat_params
+from varejax.models.config import is_lora_path
+from varejax.models.layers import round_to_bf16
 
 F32 = jnp.float32
 Path = tuple[str, ...]
@@ -68,19 +85,20 @@ def _block_part(path: Path) -> tuple[str, Path] | None:
 
 def _ca_ffn(path: Path) -> bool:
     part = _block_part(path)
-    return part is not None and ((part[0] == "ca" and part[1] in _CA_LEAVES) or part[0] == "ffn")
+    return part is not None and not is_lora_path(path) and (
+        (part[0] == "ca" and part[1] in _CA_LEAVES) or part[0] == "ffn")
 
 
 def _ca_ffn_sa(path: Path) -> bool:
     part = _block_part(path)
-    return _ca_ffn(path) or (part is not None and part[0] == "sa")
+    return _ca_ffn(path) or (part is not None and part[0] == "sa" and not is_lora_path(path))
 
 
 TRAINABLE_MODES: dict[str, Callable[[Path], bool]] = {
     "ca_ffn": _ca_ffn,
     "ca_ffn_sa": _ca_ffn_sa,
-    "all": lambda path: True,
-    # LoRA hook: register a predicate over the adapter parameters here once adapters exist.
+    "all": lambda path: not is_lora_path(path),
+    "lora": is_lora_path,
 }
 
 
@@ -90,8 +108,6 @@ def _flat(state_or_flat: nnx.State | Mapping[Path, Any]) -> Mapping[Path, Any]:
 
 
 def _predicate(mode: str) -> Callable[[Path], bool]:
-    if mode == "lora":
-        raise NotImplementedError("LoRA fine-tuning is not implemented (hook: TRAINABLE_MODES in varejax.erase.optim)")
     try:
         return TRAINABLE_MODES[mode]
     except KeyError:
@@ -99,9 +115,18 @@ def _predicate(mode: str) -> Callable[[Path], bool]:
 
 
 def trainable_mask(state_or_flat_params: nnx.State | Mapping[Path, Any], mode: str = "ca_ffn") -> dict[Path, bool]:
-    """{path: trainable?} for every parameter (paths as in `varejax.models.apply.flat_params`)."""
+    """{path: trainable?} for every parameter (paths as in `varejax.models.apply.flat_params`).
+
+    Raises:
+      ValueError: the mode selects nothing (e.g. "lora" on a model built without LoRA factors).
+    """
     is_trainable = _predicate(mode)
-    return {path: bool(is_trainable(path)) for path in _flat(state_or_flat_params)}
+    mask = {path: bool(is_trainable(path)) for path in _flat(state_or_flat_params)}
+    if mask and not any(mask.values()):
+        hint = (": the model has no LoRA factors; build or load it with lora_rank > 0 (config.train.lora_rank)"
+                if mode == "lora" else "")
+        raise ValueError(f"trainable mode {mode!r} selects no parameter{hint}")
+    return mask
 
 
 def upstream_name(path: Path) -> str:
@@ -111,6 +136,8 @@ def upstream_name(path: Path) -> str:
 
 def decays(path: Path, ndim: int) -> bool:
     """Upstream filter_params: group 'D' (weight decay) unless 1-D, a *bias, or named by a nowd key."""
+    if is_lora_path(path):
+        return False
     name = upstream_name(path)
     return not (ndim == 1 or name.endswith("bias") or any(key in name for key in NOWD_KEYS))
 
@@ -144,22 +171,76 @@ def merge_trainable(params: nnx.State, trainable: Mapping[Path, jax.Array]) -> n
     return nnx.from_flat_state(out)
 
 
+# ---- low-precision storage ------------------------------------------------------------------------
+
+
+def _state_dtype(p: Any) -> jnp.dtype:
+    """Moments live in the parameter's dtype (torch: zeros_like(param)); float32 for non-float leaves."""
+    dtype = jnp.dtype(p.dtype)
+    return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.dtype(F32)
+
+
+def round_to_dtype(x: jax.Array, dtype: Any) -> jax.Array:
+    """float32 `x` rounded to `dtype` (nearest, ties to even), returned as float32.
+
+    bfloat16 goes through `round_to_bf16` (bit pattern): XLA may remove an f32 -> bf16 -> f32 convert
+    pair inside one program (excess precision), which would skip the rounding of a value that a later
+    step of the same program (the preserve step after the erase step) reads back.
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.dtype(F32):
+        return x
+    if dtype == jnp.dtype(jnp.bfloat16):
+        return round_to_bf16(x)
+    return x.astype(dtype).astype(F32)
+
+
+def as_f32(x: jax.Array) -> jax.Array:
+    """A stored low-precision value read as float32, rounded explicitly to its dtype first.
+
+    Inside one program XLA may carry a bf16 result (a gradient, a clipped gradient) at float32 precision
+    into its next use; torch stores it in bf16. The bit-pattern rounding is a no-op on true bf16 values.
+    """
+    return round_to_dtype(x.astype(F32), x.dtype)
+
+
+def _store(x: jax.Array, dtype: Any) -> jax.Array:
+    """A float32 result stored in `dtype`, rounded as torch's store (exactly representable first)."""
+    return round_to_dtype(x, dtype).astype(dtype)
+
+
 # ---- gradient clipping ------------------------------------------------------------------------------
 
 
+def all_bf16(tree: Any) -> bool:
+    """Whether every leaf of a (non-empty) gradient tree is bfloat16 (bf16 parameter storage)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return bool(leaves) and all(jnp.dtype(g.dtype) == jnp.dtype(jnp.bfloat16) for g in leaves)
+
+
 def global_norm_torch(tree: Any) -> jax.Array:
-    """torch clip_grad_norm_'s total norm: the 2-norm of the per-tensor 2-norms (float32)."""
+    """torch clip_grad_norm_'s total norm: the 2-norm of the per-tensor 2-norms (float32).
+
+    For bf16 gradients torch's norms are bf16 tensors (float accumulation, rounded result), so each
+    per-tensor norm and the total are rounded to bf16 (returned as float32).
+    """
     leaves = jax.tree_util.tree_leaves(tree)
     if not leaves:
         return jnp.zeros((), F32)
-    norms = jnp.stack([jnp.sqrt(jnp.sum(jnp.square(g.astype(F32)))) for g in leaves])
-    return jnp.sqrt(jnp.sum(jnp.square(norms)))
+    rounding = round_to_bf16 if all_bf16(tree) else (lambda x: x)
+    norms = rounding(jnp.stack([jnp.sqrt(jnp.sum(jnp.square(as_f32(g)))) for g in leaves]))
+    return rounding(jnp.sqrt(jnp.sum(jnp.square(norms))))
 
 
-def clip_coef_torch(norm: jax.Array, max_norm: jax.Array | float) -> jax.Array:
-    """min(max_norm / (norm + 1e-6), 1); clipping disabled (coef 1) when max_norm <= 0."""
-    coef = jnp.minimum(jnp.asarray(max_norm, F32) / (norm + jnp.float32(1e-6)), 1.0)
-    return jnp.where(jnp.asarray(max_norm, F32) > 0, coef, jnp.ones((), F32))
+def clip_coef_torch(norm: jax.Array, max_norm: jax.Array | float, bf16: bool = False) -> jax.Array:
+    """min(max_norm / (norm + 1e-6), 1); clipping disabled (coef 1) when max_norm <= 0.
+
+    `bf16`: torch's arithmetic on a bf16 total norm (norm + 1e-6 and the quotient rounded to bf16).
+    """
+    rounding = round_to_bf16 if bf16 else (lambda x: x)
+    max_norm = jnp.asarray(max_norm, F32)
+    coef = jnp.minimum(rounding(max_norm / rounding(norm + jnp.float32(1e-6))), 1.0)
+    return jnp.where(max_norm > 0, coef, jnp.ones((), F32))
 
 
 def clip_by_global_norm_torch(max_norm: float | jax.Array) -> optax.GradientTransformation:
@@ -171,8 +252,14 @@ def clip_by_global_norm_torch(max_norm: float | jax.Array) -> optax.GradientTran
 
     def update_fn(updates, state, params=None):
         del params
-        coef = clip_coef_torch(global_norm_torch(updates), max_norm)
-        return jax.tree_util.tree_map(lambda g: g * coef.astype(g.dtype), updates), state
+        coef = clip_coef_torch(global_norm_torch(updates), max_norm, bf16=all_bf16(updates))
+
+        def scale(g):
+            if jnp.dtype(g.dtype) == jnp.dtype(F32):
+                return g * coef
+            return _store(as_f32(g) * coef, g.dtype)  # torch: product in float, stored rounded
+
+        return jax.tree_util.tree_map(scale, updates), state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -197,12 +284,14 @@ def adamw_torch(learning_rate: float | jax.Array, b1: float = 0.9, b2: float = 0
     """torch.optim.AdamW (fused) with decoupled weight decay on the leaves where `decay_mask` is True.
 
     `decay_mask`: a pytree of bools like the params, or a callable params -> such a pytree; None =
-    decay every leaf. The returned updates are `new_param - param`, so `optax.apply_updates` gives
-    torch's new parameter (exactly, where the difference is exact: Sterbenz).
+    decay every leaf. The returned updates are float32 `new_param - param`, so `optax.apply_updates`
+    gives torch's new parameter (exactly, where the difference is exact: Sterbenz). The moments have
+    the parameters' dtype; for bfloat16 parameters (and moments) the arithmetic is float32 and the
+    stored results are rounded to bfloat16, as torch's fused kernel does (see the module docstring).
     """
 
     def init_fn(params):
-        zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, F32), params)
+        zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, _state_dtype(p)), params)
         return AdamWTorchState(jnp.zeros((), jnp.int32), zeros, jax.tree_util.tree_map(jnp.copy, zeros))
 
     def update_fn(grads, state, params):
@@ -218,15 +307,16 @@ def adamw_torch(learning_rate: float | jax.Array, b1: float = 0.9, b2: float = 0
         if mask is None:
             mask = jax.tree_util.tree_map(lambda _: True, params)
 
-        def one(g, m, v, p, decay):
-            g = g.astype(F32)
+        def one(g, m_stored, v_stored, p, decay):
+            g = as_f32(g)
             p32 = p.astype(F32)
+            m, v = m_stored.astype(F32), v_stored.astype(F32)
             decayed = p32 * decay_factor if decay else p32
             m = m + (1.0 - b1) * (g - m)
             v = v * b2 + (1.0 - b2) * g * g
             denom = jnp.sqrt(v) / bc2_sqrt + eps
             new = decayed - step_size * m / denom
-            return (new - p32).astype(p.dtype), m, v
+            return (round_to_dtype(new, p.dtype) - p32, _store(m, m_stored.dtype), _store(v, v_stored.dtype))
 
         treedef = jax.tree_util.tree_structure(params)
         flat = [jax.tree_util.tree_leaves(x) for x in (grads, state.mu, state.nu, params)]

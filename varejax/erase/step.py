@@ -213,7 +213,7 @@ def _apply_grads(params, opt_state, train, grads, scfg):
     """clip + AdamW on the trainable dict; returns (params, opt_state, pre-clip norm, clip coef, lr)."""
     hyper = opt_state.hyperparams
     norm = optim.global_norm_torch(grads)
-    coef = optim.clip_coef_torch(norm, hyper["max_grad_norm"])
+    coef = optim.clip_coef_torch(norm, hyper["max_grad_norm"], bf16=optim.all_bf16(grads))
     updates, opt_state = optim.make_optimizer(scfg.optim).update(grads, opt_state, train)
     new_params = optim.merge_trainable(params, optax.apply_updates(train, updates))
     return new_params, opt_state, norm, coef, hyper["learning_rate"]

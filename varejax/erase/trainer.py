@@ -13,6 +13,17 @@ Workdir layout:
     model/                    the erased model (a varejax model folder, `varejax sample` reads it)
     delta.safetensors         trainable-parameter deltas in upstream key names and torch layout
 
+Options beyond the official recipe:
+  config.train.trainable = "lora"   train only LoRA factors of rank config.train.lora_rank (scale
+                                    lora_alpha / rank, 0 = 1) on config.train.lora_targets; the
+                                    transformer is loaded with those adapters added (A from config.seed,
+                                    B = 0). The exported model/ holds the MERGED weights (a plain model)
+                                    and delta.safetensors the merged deltas scale * A @ B per target kernel,
+                                    so both work like the deltas of full fine-tuning.
+  config.train.bf16_params = True   upstream's pure-bf16 training: parameters and AdamW moments stored in
+                                    bfloat16, fp32 arithmetic inside each AdamW step (default: fp32 master
+                                    weights and moments, bf16 compute). Deltas are still written as float32.
+
 Determinism: batch k and the PRNG key of step k are functions of (seed, k) only, so a run killed at any
 point and restarted with the same workdir resumes from its last complete checkpoint and ends with the
 same parameters as an uninterrupted run. A non-finite loss stops the run; the last good checkpoint is
@@ -37,7 +48,7 @@ from varejax.erase import optim
 from varejax.erase.data import TrajectoryBatches, text_length
 from varejax.erase.prepare import TrajectoryConfig, prepare_trajectories
 from varejax.erase.step import SvareConfig, alternating_update, jit_step, summed_update
-from varejax.models import schedules
+from varejax.models import lora, schedules
 
 
 class NonFiniteLossError(RuntimeError):
@@ -54,6 +65,26 @@ def svare_config(config: Any) -> SvareConfig:
     kwargs = (("eta", float(t.esd_eta)),) if t.erase_loss == "esd" else ()
     return SvareConfig(alpha=float(t.alpha), reg_lambda=float(t.reg_lambda), erase_loss=str(t.erase_loss),
                        erase_loss_kwargs=kwargs, summed_lambda=float(t.summed_lambda), optim=ocfg)
+
+
+def training_overrides(config: Any) -> dict[str, Any]:
+    """Model-config fields the training options set: bf16 storage and, for trainable = "lora", the adapters."""
+    t = config.train
+    out: dict[str, Any] = {}
+    if bool(t.bf16_params):
+        out["param_dtype"] = "bfloat16"
+    if str(t.trainable) == "lora":
+        if int(t.lora_rank) <= 0:
+            raise ValueError(f"config.train.trainable = 'lora' needs config.train.lora_rank > 0, not {t.lora_rank}")
+        out.update(lora_rank=int(t.lora_rank), lora_alpha=float(t.lora_alpha),
+                   lora_targets=t.lora_targets if isinstance(t.lora_targets, str) else tuple(t.lora_targets),
+                   lora_seed=int(config.seed))
+    return out
+
+
+def model_overrides(config: Any) -> dict[str, Any]:
+    """Everything `load_infinity` is given for training: config.numerics plus `training_overrides`."""
+    return {**dict(config.numerics), **training_overrides(config)}
 
 
 def trajectory_config(config: Any) -> TrajectoryConfig:
@@ -206,6 +237,11 @@ def run_erase(config: Any, workdir: str | os.PathLike, *, models: Any = None, ph
     mesh = make_mesh(tuple(config.mesh.shape))
     rules = rules_tuple(config.mesh.rules)
     cfg, params, encode_text = models if models is not None else _load_models(config, workdir, mesh, rules)
+    if models is not None:  # preloaded: add the adapters / bf16 storage the training options ask for
+        wanted = cfg.replace(**training_overrides(config))
+        if wanted != cfg:
+            params = lora.retarget(cfg, params, wanted, mesh=mesh, rules=rules)
+            cfg = wanted
     schedule = schedules.as_schedule(config.schedule) if config.schedule else schedules.get_schedule(
         config.h_div_w, config.pn)
     pairs = load_pairs(config, config_dir)
@@ -279,9 +315,12 @@ def run_erase(config: Any, workdir: str | os.PathLike, *, models: Any = None, ph
     finally:
         checkpoints.close()
         metrics_log.close()
-    if original is None:
+    if original is None and scfg.optim.trainable == "lora":
+        # Only the adapters trained: the original is the final base with the initial factors.
+        original = lora.reinitialise(cfg, params)
+    elif original is None:
         from varejax.convert.infinity import load_infinity
-        _, original = load_infinity(config.model.infinity, mesh=mesh, rules=rules, **dict(config.numerics))
+        _, original = load_infinity(config.model.infinity, mesh=mesh, rules=rules, **model_overrides(config))
     _export(config, workdir, cfg, params, original, scfg)
     return ErasureResult(cfg, params, original, total, workdir, pairs, time.time() - start_time)
 
@@ -306,7 +345,7 @@ def _load_models(config: Any, workdir: Path, mesh, rules):
         if not config.model[key]:
             raise ValueError(f"config.model.{key} is empty: give the converted model folder "
                              f"(varejax convert {key} ...)")
-    cfg, params = load_infinity(config.model.infinity, mesh=mesh, rules=rules, **dict(config.numerics))
+    cfg, params = load_infinity(config.model.infinity, mesh=mesh, rules=rules, **model_overrides(config))
     text = TextEncoder.from_dir(config.model.t5, cache_dir=str(workdir / "text_cache"),
                                 min_vocab=int(config.model.min_vocab), mesh=mesh, rules=rules)
     return cfg, params, text.encode

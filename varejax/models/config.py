@@ -2,7 +2,14 @@
 
 `InfinityConfig` is a frozen dataclass (hashable, so it can be a static argument of `jax.jit`). It
 holds the architecture (what the checkpoint must match) and the numerics (parameter dtype, compute
-dtype, the bf16 cross-attention emulation, attention kernel, remat), which a user may change freely.
+dtype, the bf16 cross-attention emulation, attention kernel, remat, optional LoRA adapters), which a
+user may change freely.
+
+LoRA (`lora_rank > 0`): the Dense layers of every block named by `lora_targets` get factors
+`lora_a` [in, r] and `lora_b` [r, out] and compute y = x W + b + (x A) B * alpha / r (see
+`varejax.models.lora`). The factors are not upstream parameters: the converter's key table skips them,
+and a converted model loads with them added (A initialised from `lora_seed`, B = 0, so the model is
+unchanged until B is trained).
 
 Presets: `infinity_2b`, `infinity_8b` (the released models, see docs/infinity.md section 1) and
 `tiny` / `small` for tests. `from_upstream_kwargs` reads the constructor arguments that upstream
@@ -20,6 +27,34 @@ ARCH_FIELDS = (
     "depth", "embed_dim", "num_heads", "mlp_ratio", "text_channels", "text_maxlen", "codebook_dim",
     "apply_spatial_patchify", "block_chunks", "num_levels",
 )
+
+# The Dense layers inside a block that may carry LoRA factors ("part.module"), and the factor leaves.
+LORA_MODULES = ("sa.mat_qkv", "sa.proj", "ca.mat_q", "ca.mat_kv", "ca.proj", "ffn.fc1", "ffn.fc2")
+LORA_LEAVES = ("lora_a", "lora_b")
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_seed")
+
+
+def is_lora_path(path: tuple[str, ...]) -> bool:
+    """True for the LoRA factor leaves (`...lora_a`, `...lora_b`), which are not upstream parameters."""
+    return bool(path) and path[-1] in LORA_LEAVES
+
+
+def resolve_lora_targets(targets: tuple[str, ...]) -> tuple[str, ...]:
+    """Qualified module names ("sa.proj", ...) that `targets` selects, in LORA_MODULES order.
+
+    A target is a qualified name from LORA_MODULES or a bare module name that selects every block
+    module of that name: "proj" = sa.proj and ca.proj, "mat_kv" = ca.mat_kv, "mat_qkv" = sa.mat_qkv.
+    """
+    selected, unknown = set(), []
+    for target in targets:
+        hits = [m for m in LORA_MODULES if target in (m, m.split(".")[1])]
+        if not hits:
+            unknown.append(target)
+        selected.update(hits)
+    if unknown:
+        raise ValueError(f"unknown LoRA targets {unknown}; choose from {list(LORA_MODULES)} or the bare names "
+                         f"{sorted({m.split('.')[1] for m in LORA_MODULES})}")
+    return tuple(m for m in LORA_MODULES if m in selected)
 
 
 def _round_half_even(x: float) -> int:
@@ -52,8 +87,15 @@ class InfinityConfig:
         bfloat16 as upstream's flash-attn call does (fixture mode `cabf16`).
       matmul_precision: `jax.lax.Precision` name for float32 matmuls ("highest" gives true fp32 on
         GPU/TPU, needed for parity; "default" lets the backend use TF32/bf16 passes).
-      attention_impl: "xla" (any backend) or "cudnn" (GPU, bf16/fp16 compute only).
+      attention_impl: "xla" (any backend), "chunked" (the same math over blocks of 256 queries, each
+        rematerialised: memory chunk x L instead of L x L, what 1024 px training needs) or "cudnn"
+        (GPU, bf16/fp16 compute only).
       remat: rematerialise each block in the backward pass (saves activation memory).
+      lora_rank: rank r of the LoRA factors (0 = no LoRA; the official code's optional LoRA uses 4).
+      lora_alpha: LoRA scale numerator: scale = alpha / r; 0 means alpha = r (scale 1).
+      lora_targets: block modules that get LoRA factors (see `resolve_lora_targets`); the official
+        targets are mat_qkv, mat_kv and proj.
+      lora_seed: seed of the deterministic initialisation of the `lora_a` factors.
     """
 
     depth: int = 2
@@ -76,8 +118,17 @@ class InfinityConfig:
     matmul_precision: str = "highest"
     attention_impl: str = "xla"
     remat: bool = False
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_targets: tuple[str, ...] = ("mat_qkv", "mat_kv", "proj")
+    lora_seed: int = 0
 
     def __post_init__(self):
+        # JSON and config overrides give lists (or one string); keep the config hashable.
+        targets = self.lora_targets
+        targets = tuple(t.strip() for t in targets.split(",") if t.strip()) if isinstance(targets, str) \
+            else tuple(targets)
+        object.__setattr__(self, "lora_targets", targets)
         problems = []
         if self.embed_dim % self.num_heads:
             problems.append(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
@@ -89,10 +140,18 @@ class InfinityConfig:
             problems.append(
                 f"the text pool has {self.pool_heads} heads (text_channels // {self.pool_head_divisor}), "
                 f"which must divide embed_dim {self.embed_dim}")
-        if self.attention_impl not in ("xla", "cudnn"):
-            problems.append(f"attention_impl must be 'xla' or 'cudnn', not {self.attention_impl!r}")
+        if self.attention_impl not in ("xla", "chunked", "cudnn"):
+            problems.append(f"attention_impl must be xla, chunked or cudnn, not {self.attention_impl!r}")
         if self.matmul_precision not in ("default", "high", "highest"):
             problems.append(f"matmul_precision must be default/high/highest, not {self.matmul_precision!r}")
+        if self.lora_rank < 0 or self.lora_alpha < 0:
+            problems.append(f"lora_rank ({self.lora_rank}) and lora_alpha ({self.lora_alpha}) must be >= 0")
+        try:
+            resolved = resolve_lora_targets(targets)
+            if self.lora_rank > 0 and not resolved:
+                problems.append("lora_rank > 0 but lora_targets is empty")
+        except ValueError as err:
+            problems.append(str(err))
         if problems:
             raise ValueError("invalid InfinityConfig: " + "; ".join(problems))
 
@@ -135,6 +194,26 @@ class InfinityConfig:
     @property
     def blocks_per_chunk(self) -> int:
         return self.depth // self.block_chunks
+
+    @property
+    def lora_scale(self) -> float:
+        """alpha / r of the LoRA update (alpha = r when lora_alpha is 0)."""
+        if self.lora_rank <= 0:
+            return 0.0
+        return (self.lora_alpha or float(self.lora_rank)) / self.lora_rank
+
+    def lora_modules(self) -> tuple[str, ...]:
+        """The qualified block modules ("ca.proj", ...) that carry LoRA factors (empty without LoRA)."""
+        return resolve_lora_targets(self.lora_targets) if self.lora_rank > 0 else ()
+
+    def has_lora(self, part: str, module: str) -> bool:
+        """Whether block module `part.module` (e.g. "sa", "mat_qkv") gets LoRA factors."""
+        return f"{part}.{module}" in self.lora_modules()
+
+    def without_lora(self) -> InfinityConfig:
+        """The same model without adapters (the LoRA fields at their defaults)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in LORA_FIELDS}
+        return dataclasses.replace(self, **defaults)
 
     def drop_path_rates(self) -> list[float]:
         if self.depth == 1:

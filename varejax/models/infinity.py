@@ -9,6 +9,8 @@ Module names mirror upstream's torch modules so that the checkpoint key table st
   block: x += SA(LN(x)(1+s1)+b1) g1;  x += CA(ca_norm(x), text);  x += FFN(LN(x)(1+s2)+b2) g2
 
 Shapes use upstream's suffix names: B batch, L tokens, C width, T text rows, d bits per token.
+With `cfg.lora_rank > 0` the block Dense layers named by `cfg.lora_targets` carry LoRA factors
+(`varejax.models.lora`); every other parameter and the forward of a model without LoRA are unchanged.
 """
 
 from __future__ import annotations
@@ -20,7 +22,19 @@ from flax import nnx
 
 from varejax.models import attention, rope, schedules
 from varejax.models.config import InfinityConfig
-from varejax.models.layers import F32, Dense, LayerNorm, RMSNorm, drop_path, gelu_tanh, layer_norm, param, round_to_bf16
+from varejax.models.layers import (
+    F32,
+    Dense,
+    LayerNorm,
+    RMSNorm,
+    drop_path,
+    gelu_tanh,
+    layer_norm,
+    lora_a_init,
+    param,
+    round_to_bf16,
+    shapes_only_active,
+)
 from varejax.parallel import constrain
 
 # Upstream clamps the cosine-attention temperature at log(100), computed in float32.
@@ -29,9 +43,24 @@ BATCH_LEN_EMBED = ("act_batch", "act_len", "act_embed")
 BATCH_LEN_HEADS = ("act_batch", "act_len", "act_heads", None)
 
 
-def _dense(cfg: InfinityConfig, rngs: nnx.Rngs, n_in: int, n_out: int, axes, **kw) -> Dense:
+def _dense(cfg: InfinityConfig, rngs: nnx.Rngs, n_in: int, n_out: int, axes, *, lora: str | None = None,
+           **kw) -> Dense:
+    """A Dense layer of `cfg`; `lora` = its block-module name ("sa.proj", ...) when it may carry LoRA."""
+    if lora is not None and lora in cfg.lora_modules():
+        kw.update(lora_rank=cfg.lora_rank, lora_scale=cfg.lora_scale)
     return Dense(n_in, n_out, axes, rngs=rngs, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype,
                  precision=cfg.matmul_precision, **kw)
+
+
+def init_lora_factors(model: nnx.Module, seed: int) -> None:
+    """Gives every `lora_a` of `model` its deterministic initial value (`lora_a_init` by path)."""
+    if shapes_only_active():
+        return
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, Dense) and module.lora_a is not None:
+            n_in, rank = module.lora_a.shape
+            leaf = tuple(str(p) for p in path) + ("lora_a",)
+            module.lora_a.set_value(jnp.asarray(lora_a_init(seed, leaf, n_in, rank), module.lora_a.dtype))
 
 
 def _cross_attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: InfinityConfig) -> jax.Array:
@@ -88,12 +117,12 @@ class SelfAttention(nnx.Module):
     def __init__(self, cfg: InfinityConfig, rngs: nnx.Rngs):
         C, H = cfg.embed_dim, cfg.num_heads
         self.cfg, self.num_heads, self.head_dim = cfg, H, cfg.head_dim
-        self.mat_qkv = _dense(cfg, rngs, C, 3 * C, ("embed", "heads"), use_bias=False)
+        self.mat_qkv = _dense(cfg, rngs, C, 3 * C, ("embed", "heads"), use_bias=False, lora="sa.mat_qkv")
         self.q_bias = param(None, (C,), ("heads",), cfg.param_dtype)
         self.v_bias = param(None, (C,), ("heads",), cfg.param_dtype)
         self.scale_mul_1H11 = param(None, (1, H, 1, 1), (None, "norm", None, None), cfg.param_dtype,
                                     fill=float(np.log(4.0)))
-        self.proj = _dense(cfg, rngs, C, C, ("heads", "embed"))
+        self.proj = _dense(cfg, rngs, C, C, ("heads", "embed"), lora="sa.proj")
 
     def project(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [B, L, C] -> q, k (normalised, temperature-scaled, rotated) and v, each [B, L, H, hd]."""
@@ -130,10 +159,10 @@ class CrossAttention(nnx.Module):
     def __init__(self, cfg: InfinityConfig, rngs: nnx.Rngs):
         C, D = cfg.embed_dim, cfg.cond_dim
         self.cfg, self.num_heads, self.head_dim = cfg, cfg.num_heads, cfg.head_dim
-        self.mat_q = _dense(cfg, rngs, C, C, ("embed", "heads"))
-        self.mat_kv = _dense(cfg, rngs, D, 2 * C, ("cond", "heads"), use_bias=False)
+        self.mat_q = _dense(cfg, rngs, C, C, ("embed", "heads"), lora="ca.mat_q")
+        self.mat_kv = _dense(cfg, rngs, D, 2 * C, ("cond", "heads"), use_bias=False, lora="ca.mat_kv")
         self.v_bias = param(None, (C,), ("heads",), cfg.param_dtype)
-        self.proj = _dense(cfg, rngs, C, C, ("heads", "embed"))
+        self.proj = _dense(cfg, rngs, C, C, ("heads", "embed"), lora="ca.proj")
 
     def text_kv(self, text_BTD: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys and values [B, T, H, hd] of the projected text (cacheable across scales)."""
@@ -159,8 +188,8 @@ class CrossAttention(nnx.Module):
 
 class FFN(nnx.Module):
     def __init__(self, cfg: InfinityConfig, rngs: nnx.Rngs):
-        self.fc1 = _dense(cfg, rngs, cfg.embed_dim, cfg.ffn_hidden, ("embed", "mlp"))
-        self.fc2 = _dense(cfg, rngs, cfg.ffn_hidden, cfg.embed_dim, ("mlp", "embed"))
+        self.fc1 = _dense(cfg, rngs, cfg.embed_dim, cfg.ffn_hidden, ("embed", "mlp"), lora="ffn.fc1")
+        self.fc2 = _dense(cfg, rngs, cfg.ffn_hidden, cfg.embed_dim, ("mlp", "embed"), lora="ffn.fc2")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         hidden = constrain(gelu_tanh(self.fc1(x)), ("act_batch", "act_len", "act_mlp"))
@@ -238,6 +267,10 @@ class Infinity(nnx.Module):
         self.blocks = nnx.List([CrossAttnBlock(cfg, rate, rngs) for rate in cfg.drop_path_rates()])
         self.head_nm = _dense(cfg, rngs, D, 2 * C, ("cond", "ada"))
         self.head = _dense(cfg, rngs, C, cfg.num_logits, ("embed", "vocab"), std=0.02 * std)
+        # After every base parameter, and without the rngs: the base weights of a LoRA model equal those
+        # of the same config without LoRA, and each A depends only on (lora_seed, its path).
+        if cfg.lora_rank:
+            init_lora_factors(self, cfg.lora_seed)
 
     # ---- pieces reused by the sampler ------------------------------------------------------------
     def encode_text(self, text_BTC: jax.Array, text_mask_BT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import zlib
 from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 F32 = jnp.float32
@@ -24,6 +26,10 @@ def dtype_of(name: str) -> jnp.dtype:
 
 
 _SHAPES_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("varejax_shapes_only", default=False)
+
+
+def shapes_only_active() -> bool:
+    return _SHAPES_ONLY.get()
 
 
 @contextlib.contextmanager
@@ -49,23 +55,52 @@ def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str | None
 
 
 class Dense(nnx.Module):
-    """y = x @ kernel + bias, kernel stored [in, out] (torch Linear weights are transposed on import)."""
+    """y = x @ kernel + bias, kernel stored [in, out] (torch Linear weights are transposed on import).
+
+    With `lora_rank` r > 0 the layer also holds LoRA factors `lora_a` [in, r] and `lora_b` [r, out]
+    and returns x @ kernel + bias + ((x @ lora_a) @ lora_b) * lora_scale, every matmul in the compute
+    dtype (PEFT's order: the adapter term is added to the biased base output). Both factors are created
+    as zeros here; `lora_a_init` gives A its values (`Infinity` does that by path, from its
+    `lora_seed`), and B = 0 makes the initial layer equal the base layer exactly.
+    """
 
     def __init__(self, in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
                  rngs: nnx.Rngs, param_dtype: str = "float32", compute_dtype: str = "float32",
-                 precision: str = "highest", use_bias: bool = True, std: float | None = None):
+                 precision: str = "highest", use_bias: bool = True, std: float | None = None,
+                 lora_rank: int = 0, lora_scale: float = 1.0):
         std = math.sqrt(1.0 / (3.0 * in_features)) if std is None else std
         self.kernel = param(rngs, (in_features, out_features), axes, param_dtype, std=std)
         self.bias = param(rngs, (out_features,), (axes[1],), param_dtype) if use_bias else None
+        self.lora_a = param(None, (in_features, lora_rank), (axes[0], "lora"), param_dtype) if lora_rank else None
+        self.lora_b = param(None, (lora_rank, out_features), ("lora", axes[1]), param_dtype) if lora_rank else None
+        self.lora_scale = float(lora_scale)
         self.compute_dtype = compute_dtype
         self.precision = precision
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = dtype_of(self.compute_dtype)
-        y = jnp.matmul(x.astype(dtype), self.kernel[...].astype(dtype), precision=self.precision)
+        x = x.astype(dtype)
+        y = jnp.matmul(x, self.kernel[...].astype(dtype), precision=self.precision)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
+        if self.lora_a is not None:
+            low = jnp.matmul(x, self.lora_a[...].astype(dtype), precision=self.precision)
+            update = jnp.matmul(low, self.lora_b[...].astype(dtype), precision=self.precision)
+            y = y + update * jnp.asarray(self.lora_scale, dtype)
         return y
+
+
+def lora_a_init(seed: int, path: Sequence[str], in_features: int, rank: int) -> np.ndarray:
+    """The initial LoRA `lora_a` [in, r] of the layer at `path`: float32, deterministic in (seed, path).
+
+    PEFT's (and loralib's) default: torch `kaiming_uniform_(A, a=sqrt(5))` on A^T [r, in], which is
+    U(-1/sqrt(in), 1/sqrt(in)). Drawn on the host from numpy's PCG64 seeded by (seed, crc32(path)), so
+    a layer's factor does not depend on which other layers have adapters or on device placement.
+    """
+    key = zlib.crc32(".".join(str(p) for p in path).encode())
+    bound = 1.0 / math.sqrt(in_features)
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, key])
+    return rng.uniform(-bound, bound, size=(in_features, rank)).astype(np.float32)
 
 
 def layer_norm(x: jax.Array, eps: float) -> jax.Array:

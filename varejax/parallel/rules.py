@@ -45,6 +45,7 @@ DEFAULT_RULES: LogicalRules = (
     ("levels", None),                  # level embedding rows
     ("text_len", None),                # rows of cfg_uncond
     ("norm", None),                    # norm scales, per-head temperatures
+    ("lora", None),                    # LoRA rank (a handful of columns: never sharded)
     ("t5_vocab", None),                # T5 token embedding rows (gathered, so kept whole)
     ("t5_buckets", None),              # T5 relative position buckets
     ("conv_in", None),                 # BSQ-VAE conv input channels (the tokenizer stays data-parallel)
