@@ -55,7 +55,7 @@ def estimate(config, remat: bool) -> dict:
     opt_state = jax.eval_shape(lambda p: optim.init_opt_state(p, scfg.optim), params)
 
     def spec(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, rules, len(shape)))
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, rules, shape=shape))
 
     d, V, C = cfg.bits_per_token, cfg.num_logits, cfg.text_channels
     batch = {"target_text": spec((B, T, C), jnp.float32), "target_mask": spec((B, T), jnp.int32),

@@ -21,6 +21,12 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from varejax.erase.trainer import run_erase
 
     config = load_config(args.config, overrides)
+    if "toy" in config:  # the embedded toy world: erase, sample before/after, evaluate, report
+        if args.phase != "all":
+            raise ValueError("toy-world configs run the whole job; drop the phase argument")
+        from varejax.toy.job import run_toy_job
+        run_toy_job(config, args.workdir)
+        return 0
     config_dir = os.path.dirname(os.path.abspath(args.config.partition(":")[0]))
     result = run_erase(config, args.workdir, phase="prepare" if args.phase == "prepare" else "all",
                        config_dir=config_dir)

@@ -47,7 +47,7 @@ from varejax.data.pairs import PromptPair, pool_pairs, read_pairs
 from varejax.erase import optim
 from varejax.erase.data import TrajectoryBatches, text_length
 from varejax.erase.prepare import TrajectoryConfig, prepare_trajectories
-from varejax.erase.step import SvareConfig, alternating_update, jit_step, summed_update
+from varejax.erase.step import SvareConfig, alternating_update, erase_update, jit_step, summed_update
 from varejax.models import lora, schedules
 
 
@@ -210,7 +210,10 @@ class ErasureResult:
 def _global_batch(batch: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
     from varejax.parallel import batch_sharding
 
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)
+    def global_shape(v):  # the process-local batches stack along dim 0
+        return (v.shape[0] * jax.process_count(),) + v.shape[1:]
+
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, shape=global_shape(v)), v)
             for k, v in batch.items()}
 
 
@@ -256,7 +259,10 @@ def run_erase(config: Any, workdir: str | os.PathLike, *, models: Any = None, ph
     scfg = svare_config(config)
     train_cfg = cfg.replace(cond_drop_rate=float(config.train.cond_drop_rate),
                             drop_path_rate=float(config.train.drop_path_rate), remat=bool(config.train.remat))
-    update = {"alternating": alternating_update, "summed": summed_update}[config.train.mode]
+    modes = {"alternating": alternating_update, "summed": summed_update, "erase_only": erase_update}
+    if config.train.mode not in modes:
+        raise ValueError(f"config.train.mode must be one of {sorted(modes)}, not {config.train.mode!r}")
+    update = modes[config.train.mode]
     step_fn = jit_step(update, donate=True)
     batches = TrajectoryBatches(files, int(config.train.batch_size), int(config.seed), text_length(files),
                                 jax.process_index(), jax.process_count())

@@ -70,9 +70,14 @@ def shard_state(state: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> 
     return jax.device_put(state, shardings)
 
 
-def batch_sharding(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES, ndim: int = 1) -> NamedSharding:
-    """Sharding of a batch-major array: dim 0 is `act_batch`, the rest replicated."""
-    return NamedSharding(mesh, logical_to_spec(("act_batch",) + (None,) * (ndim - 1), rules, mesh))
+def batch_sharding(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES, ndim: int = 1,
+                   shape: Sequence[int] | None = None) -> NamedSharding:
+    """Sharding of a batch-major array: dim 0 is `act_batch`, the rest replicated.
+
+    With `shape`, a batch that does not divide the data axes is replicated instead of failing.
+    """
+    ndim = len(shape) if shape is not None else ndim
+    return NamedSharding(mesh, logical_to_spec(("act_batch",) + (None,) * (ndim - 1), rules, mesh, shape))
 
 
 def abstract_sharded_state(state: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Any:
