@@ -126,3 +126,34 @@ def restore_flat(model_dir: str | os.PathLike, target: Mapping[tuple[str, ...], 
     if target is None:
         return flatten(checkpointer.restore(params_dir))
     return flatten(checkpointer.restore(params_dir, nest(target)))
+
+
+def apply_numerics(stored: Any, overrides: Mapping[str, Any], model_dir: str | os.PathLike) -> Any:
+    """`stored.replace(**overrides)` for a typed model config; architecture fields may not change."""
+    changed = sorted(k for k in overrides if k in stored.arch_dict() and overrides[k] != getattr(stored, k))
+    if changed:
+        raise ModelDirError(f"{model_dir}: cannot change architecture fields {changed} of a converted model")
+    return stored.replace(**overrides)
+
+
+def restore_state(model_dir: str | os.PathLike, abstract: Any, mesh: Any = None, rules: Any = None) -> Any:
+    """The parameters of a model folder as an `nnx.State` shaped like `abstract`.
+
+    With a mesh, every array is restored straight onto its devices, sharded by the rules (no host copy
+    of the whole model).
+    """
+    import jax
+
+    from varejax.models.state import fill_state, flat_params
+
+    target = None
+    if mesh is not None:
+        from varejax.parallel import DEFAULT_RULES, abstract_sharded_state
+        sharded = abstract_sharded_state(abstract, mesh, rules or DEFAULT_RULES)
+        target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
+                  for k, v in flat_params(sharded).items()}
+    flat = restore_flat(model_dir, target)
+    try:
+        return fill_state(abstract, flat)
+    except (KeyError, ValueError) as err:
+        raise ModelDirError(f"{model_dir}: parameters do not match its config.json: {err}") from None

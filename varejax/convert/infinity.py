@@ -121,9 +121,7 @@ def load_infinity(model_dir: str, *, mesh=None, rules=None, **overrides):
         loaded when the requested config has them and merged into their kernels when it does not
         (`varejax.models.lora.retarget`).
     """
-    import jax
-
-    from varejax.checkpoint import ModelDirError, read_config, restore_flat
+    from varejax.checkpoint import ModelDirError, apply_numerics, read_config, restore_state
     from varejax.models import apply
     from varejax.models.config import LORA_FIELDS
 
@@ -131,24 +129,10 @@ def load_infinity(model_dir: str, *, mesh=None, rules=None, **overrides):
     if meta.get("format") != FORMAT:
         raise ModelDirError(f"{model_dir}: config.json format is {meta.get('format')!r}, expected {FORMAT!r}")
     stored = InfinityConfig.from_dict(meta["model"])
-    changed = {k for k in overrides if k in stored.arch_dict() and overrides[k] != getattr(stored, k)}
-    if changed:
-        raise ModelDirError(f"cannot change architecture fields {sorted(changed)} of a converted model")
-    cfg = stored.replace(**overrides)
+    cfg = apply_numerics(stored, overrides, model_dir)
     # What the folder holds: the requested numerics with the folder's own adapters (if any).
     src = cfg.replace(**{k: getattr(stored, k) for k in LORA_FIELDS})
-    abstract = apply.abstract_params(src)
-    flat_abstract = apply.flat_params(abstract)
-    target = None
-    if mesh is not None:
-        from varejax.parallel import DEFAULT_RULES, param_shardings
-        shardings = apply.flat_params(param_shardings(abstract, mesh, rules or DEFAULT_RULES))
-        target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in flat_abstract.items()}
-    flat = restore_flat(model_dir, target)
-    try:
-        state = apply.state_from_flat(src, flat)
-    except (KeyError, ValueError) as err:
-        raise ModelDirError(f"{model_dir}: parameters do not match its config.json: {err}") from None
+    state = restore_state(model_dir, apply.abstract_params(src), mesh, rules)
     from varejax.models import lora
     if not lora.same_adapters(src, cfg):
         state = lora.retarget(src, state, cfg, mesh=mesh, rules=rules)

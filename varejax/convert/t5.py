@@ -254,27 +254,10 @@ def load_t5(model_dir: str, *, mesh=None, rules=None, **overrides) -> tuple[T5Co
       mesh: when given, parameters are restored straight onto the mesh, sharded by `rules`.
       **overrides: numerics to change (compute_dtype, matmul_precision, ...); architecture fields must match.
     """
-    import jax
-
-    from varejax.checkpoint import ModelDirError, restore_flat
-    from varejax.models import apply, t5
+    from varejax.checkpoint import apply_numerics, restore_state
+    from varejax.models import t5
 
     meta = read_t5_config(model_dir)
-    cfg = T5Config.from_dict(meta["model"])
-    changed = {k for k in overrides if k in cfg.arch_dict() and overrides[k] != getattr(cfg, k)}
-    if changed:
-        raise ModelDirError(f"cannot change architecture fields {sorted(changed)} of a converted model")
-    cfg = cfg.replace(**overrides)
-    abstract = t5.abstract_params(cfg)
-    flat_abstract = apply.flat_params(abstract)
-    target = None
-    if mesh is not None:
-        from varejax.parallel import DEFAULT_RULES, param_shardings
-        shardings = apply.flat_params(param_shardings(abstract, mesh, rules or DEFAULT_RULES))
-        target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in flat_abstract.items()}
-    flat = restore_flat(model_dir, target)
-    try:
-        state = t5.state_from_flat(cfg, flat)
-    except (KeyError, ValueError) as err:
-        raise ModelDirError(f"{model_dir}: parameters do not match its config.json: {err}") from None
+    cfg = apply_numerics(T5Config.from_dict(meta["model"]), overrides, model_dir)
+    state = restore_state(model_dir, t5.abstract_params(cfg), mesh, rules)
     return cfg, state

@@ -9,17 +9,16 @@ jitted, differentiated and sharded.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from varejax.models import schedules
 from varejax.models.config import InfinityConfig
 from varejax.models.infinity import Infinity
 from varejax.models.layers import shapes_only
+from varejax.models.state import count_params, fill_state, flat_params  # noqa: F401 (re-exported)
 
 
 @functools.lru_cache(maxsize=32)
@@ -41,34 +40,9 @@ def abstract_params(cfg: InfinityConfig) -> nnx.State:
     return graph_and_abstract_state(cfg)[1]
 
 
-def flat_params(state: nnx.State) -> dict[tuple[str, ...], Any]:
-    """{path: array or ShapeDtypeStruct}, paths as string tuples, e.g. ('blocks', '0', 'sa', 'proj', 'kernel')."""
-    out = {}
-    for path, var in nnx.to_flat_state(state):
-        value = var.get_value() if hasattr(var, "get_value") else var
-        out[tuple(str(p) for p in path)] = value
-    return out
-
-
 def state_from_flat(cfg: InfinityConfig, flat: dict[tuple[str, ...], Any]) -> nnx.State:
     """Builds the parameter state of `cfg` from {path: array}; every path must be present, shapes must match."""
-    out = []
-    for path, var in nnx.to_flat_state(abstract_params(cfg)):
-        key = tuple(str(p) for p in path)
-        if key not in flat:
-            raise KeyError(f"parameter {'.'.join(key)} missing")
-        value = flat[key]
-        if tuple(value.shape) != tuple(var.shape):
-            raise ValueError(f"parameter {'.'.join(key)} has shape {tuple(value.shape)}, expected {tuple(var.shape)}")
-        out.append((path, var.replace(jnp.asarray(value, dtype=var.dtype))))
-    extra = set(flat) - {tuple(str(p) for p in path) for path, _ in out}
-    if extra:
-        raise KeyError(f"unexpected parameters {sorted(extra)[:5]}")
-    return nnx.from_flat_state(out)
-
-
-def count_params(state: nnx.State) -> int:
-    return sum(math.prod(v.shape) for v in flat_params(state).values())
+    return fill_state(abstract_params(cfg), flat)
 
 
 def bind(params: nnx.State, cfg: InfinityConfig) -> Infinity:

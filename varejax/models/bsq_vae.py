@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from varejax.models.layers import F32, dtype_of, param, shapes_only
+from varejax.models.state import fill_state
 from varejax.parallel import constrain
 
 # Fields that fix the parameter shapes; the rest is numerics.
@@ -421,20 +422,7 @@ def abstract_vae_params(cfg: VAEConfig) -> nnx.State:
 
 def vae_state_from_flat(cfg: VAEConfig, flat: dict[tuple[str, ...], Any]) -> nnx.State:
     """The parameter state of `cfg` from {path: array}; every path must be present with its shape."""
-    out, seen = [], set()
-    for path, var in nnx.to_flat_state(abstract_vae_params(cfg)):
-        key = tuple(str(p) for p in path)
-        seen.add(key)
-        if key not in flat:
-            raise KeyError(f"parameter {'.'.join(key)} missing")
-        value = flat[key]
-        if tuple(value.shape) != tuple(var.shape):
-            raise ValueError(f"parameter {'.'.join(key)} has shape {tuple(value.shape)}, expected {tuple(var.shape)}")
-        out.append((path, var.replace(jnp.asarray(value, dtype=var.dtype))))
-    extra = set(flat) - seen
-    if extra:
-        raise KeyError(f"unexpected parameters {sorted(extra)[:5]}")
-    return nnx.from_flat_state(out)
+    return fill_state(abstract_vae_params(cfg), flat)
 
 
 def bind_vae(params: nnx.State, cfg: VAEConfig) -> BSQVAE:
@@ -470,30 +458,14 @@ def load_vae(model_dir: str, mesh=None, *, rules=None, **overrides: Any) -> tupl
       **overrides: numerics to change (compute_dtype, matmul_precision, ...); architecture fields must
         match the folder's.
     """
-    from varejax.checkpoint import ModelDirError, read_config, restore_flat
+    from varejax.checkpoint import ModelDirError, apply_numerics, read_config, restore_state
     from varejax.convert.vae import FORMAT
-    from varejax.models.apply import flat_params
 
     meta = read_config(model_dir)
     if meta.get("format") != FORMAT:
         raise ModelDirError(f"{model_dir}: config.json format is {meta.get('format')!r}, expected {FORMAT!r}")
-    cfg = VAEConfig.from_dict(meta["model"])
-    changed = {k for k in overrides if k in cfg.arch_dict() and overrides[k] != getattr(cfg, k)}
-    if changed:
-        raise ModelDirError(f"cannot change architecture fields {sorted(changed)} of a converted tokenizer")
-    cfg = cfg.replace(**overrides)
-    abstract = abstract_vae_params(cfg)
-    target = None
-    if mesh is not None:
-        from varejax.parallel import DEFAULT_RULES, param_shardings
-        shardings = flat_params(param_shardings(abstract, mesh, rules or DEFAULT_RULES))
-        target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
-                  for k, v in flat_params(abstract).items()}
-    flat = restore_flat(model_dir, target)
-    try:
-        state = vae_state_from_flat(cfg, flat)
-    except (KeyError, ValueError) as err:
-        raise ModelDirError(f"{model_dir}: parameters do not match its config.json: {err}") from None
+    cfg = apply_numerics(VAEConfig.from_dict(meta["model"]), overrides, model_dir)
+    state = restore_state(model_dir, abstract_vae_params(cfg), mesh, rules)
     return cfg, state
 
 

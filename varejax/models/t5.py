@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from varejax.models.layers import F32, Dense, RMSNorm, gelu_tanh, param, shapes_only
+from varejax.models.state import fill_state
 from varejax.parallel import constrain
 
 BATCH_LEN_EMBED = ("act_batch", "act_text_len", "act_embed")
@@ -321,20 +322,7 @@ def abstract_params(cfg: T5Config) -> nnx.State:
 
 def state_from_flat(cfg: T5Config, flat: dict[tuple[str, ...], Any]) -> nnx.State:
     """Parameter state of `cfg` from {path: array}; every path must be present, shapes must match."""
-    out, seen = [], set()
-    for path, var in nnx.to_flat_state(abstract_params(cfg)):
-        key = tuple(str(p) for p in path)
-        seen.add(key)
-        if key not in flat:
-            raise KeyError(f"parameter {'.'.join(key)} missing")
-        value = flat[key]
-        if tuple(value.shape) != tuple(var.shape):
-            raise ValueError(f"parameter {'.'.join(key)} has shape {tuple(value.shape)}, expected {tuple(var.shape)}")
-        out.append((path, var.replace(jnp.asarray(value, dtype=var.dtype))))
-    extra = sorted(set(flat) - seen)
-    if extra:
-        raise KeyError(f"unexpected parameters {extra[:5]}")
-    return nnx.from_flat_state(out)
+    return fill_state(abstract_params(cfg), flat)
 
 
 def bind(params: nnx.State, cfg: T5Config) -> T5Encoder:
