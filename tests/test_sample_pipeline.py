@@ -73,7 +73,8 @@ def test_seeds_batches_greedy_and_negative_prompts(model_dirs, tmp_path):
 
 
 def test_missing_models_and_bad_overrides_are_clear(tmp_path, capsys):
-    assert main(["sample", "--config", CONFIG, "--workdir", str(tmp_path)]) == 2
+    # Some models given but not all: say which is missing (none given means the embedded toy world).
+    assert main(["sample", "--config", CONFIG, "--workdir", str(tmp_path), "--config.model.t5=/somewhere"]) == 2
     assert "config.model.infinity is empty" in capsys.readouterr().err
     assert main(["sample", "--config", CONFIG, "--workdir", str(tmp_path), "--config.nope=1"]) == 2
     assert "no such field" in capsys.readouterr().err

@@ -47,7 +47,6 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
     Values are parsed as Python literals when possible (numbers, booleans, tuples, lists), else kept
     as strings; an unknown field is an error (configs are locked).
     """
-    import ast
     import importlib.util
     import os
 
@@ -60,6 +59,14 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
     if not hasattr(module, "get_config"):
         raise AttributeError(f"{path} has no get_config()")
     config = module.get_config(arg or None)
+    return apply_overrides(config, overrides, path)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str] | tuple[str, ...] = (),
+                    source: str = "the config") -> ml_collections.ConfigDict:
+    """Applies `config.a.b=value` overrides (Python literals when they parse, else strings)."""
+    import ast
+
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.startswith("config."):
@@ -73,7 +80,7 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
         for part in parts[:-1]:
             node = node[part]
         if parts[-1] not in node:
-            raise KeyError(f"{key}: no such field in {path}")
+            raise KeyError(f"{key}: no such field in {source}")
         current = node[parts[-1]]
         if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)

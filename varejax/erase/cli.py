@@ -1,4 +1,8 @@
-"""`varejax erase [prepare|train|all] --config configs/erase.py:CONCEPT --workdir DIR [--config.x=y ...]`."""
+"""`varejax erase [prepare|train|all] --config configs/erase.py:CONCEPT --workdir DIR [--config.x=y ...]`.
+
+Without --config it runs the embedded default: erasing "circle" from the shipped toy world (the same
+job as configs/toy_circle.py), which needs no files outside the installed package.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                    description=__doc__)
     parser.add_argument("phase", nargs="?", default="all", choices=("all", "prepare", "train"),
                         help="prepare = only the VARE anchor trajectories; train = prepare if needed, then train")
-    parser.add_argument("--config", default="configs/erase.py", help="config file[:arg]")
+    parser.add_argument("--config", default=None,
+                        help="config file[:arg] (default: the embedded toy-world job, as configs/toy_circle.py)")
     parser.add_argument("--workdir", required=True, help="run folder (re-running resumes)")
     parser.set_defaults(run=run)
 
@@ -20,7 +25,12 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from varejax.configlib import load_config
     from varejax.erase.trainer import run_erase
 
-    config = load_config(args.config, overrides)
+    if args.config is None:
+        from varejax.configlib import apply_overrides
+        from varejax.toy.job import toy_config
+        config = apply_overrides(toy_config(("circle",)).lock(), overrides, "the embedded toy config")
+    else:
+        config = load_config(args.config, overrides)
     if "toy" in config:  # the embedded toy world: erase, sample before/after, evaluate, report
         if args.phase != "all":
             raise ValueError("toy-world configs run the whole job; drop the phase argument")

@@ -146,6 +146,13 @@ def run_sampling(config: Any, workdir: str | os.PathLike, pipeline: Pipeline | N
     workdir = Path(workdir)
     out_dir = workdir / "images"
     out_dir.mkdir(parents=True, exist_ok=True)
+    schedule = schedules.get_schedule(config.h_div_w, config.pn)
+    if pipeline is None and not any(config.model[k] for k in ("infinity", "vae", "t5")):
+        # No model given: the embedded toy world (shipped in the package, its own schedule).
+        from varejax.toy.assets import TOY_SCHEDULE, load_toy_pipeline
+        pipeline = load_toy_pipeline(text_cache_dir=config.text_cache_dir or str(workdir / "text_cache"),
+                                     **dict(config.numerics))
+        schedule = TOY_SCHEDULE
     if pipeline is None:
         missing = [k for k in ("infinity", "vae", "t5") if not config.model[k]]
         if missing:
@@ -163,7 +170,6 @@ def run_sampling(config: Any, workdir: str | os.PathLike, pipeline: Pipeline | N
                                       rules=rules_tuple(config.mesh.rules), **dict(config.numerics))
     pipeline.check_compatible()
     sampling = sampling_from_config(config.sampling)
-    schedule = schedules.get_schedule(config.h_div_w, config.pn)
     plan = plan_images(list(config.prompts), config.images_per_prompt, config.seed)
     todo = [i for i in range(len(plan)) if not (out_dir / f"{i:05d}.json").exists()]
     batch = max(1, int(config.batch_size))
