@@ -2,6 +2,7 @@
 
     varejax convert infinity --src infinity_2b_reg.pth --arch 2b --out models/infinity_2b
     varejax sample --config configs/sample.py --workdir runs/sample --config.prompts="('a fox',)"
+    varejax toy train --workdir runs/toy
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import sys
 from varejax.convert import cli as convert_cli
 from varejax.erase import cli as erase_cli
 from varejax.sample import cli as sample_cli
+from varejax.toy import cli as toy_cli
 
 # Stages configured by `--config file.py --config.field=value` (ml_collections); unknown args are overrides.
-CONFIG_STAGES = ("sample", "erase")
+CONFIG_STAGES = ("sample", "erase", "toy")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert_cli.add_parser(stages)
     sample_cli.add_parser(stages)
     erase_cli.add_parser(stages)
+    toy_cli.add_parser(stages)
     return parser
 
 

@@ -1,0 +1,57 @@
+"""The shipped toy models: trained by `varejax toy train --config.install=True` (default config, seed 0).
+
+    pipeline = load_toy_pipeline()                  # varejax.sample.pipeline.Pipeline
+    images = pipeline.generate(["a red circle on a striped background"], [0], SamplingConfig(cfg=(3.0,),
+                               tau=(0.5,), top_p=0.97), TOY_SCHEDULE)
+    oracle_params = load_toy_oracle()               # varejax.toy.oracle.classify(oracle_params, images)
+
+Layout of `asset_dir()`: `infinity/`, `vae/`, `t5/` (with tokenizer.json), `oracle/` (model folders:
+orbax params + config.json) and `world.json` (world version, schedule, measured accuracies, train
+times, the config used).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from varejax.toy.train import TOY_MIN_VOCAB, TOY_SCHEDULE, WORLD_FILE
+
+__all__ = ["TOY_MIN_VOCAB", "TOY_SCHEDULE", "asset_dir", "load_toy_oracle", "load_toy_pipeline", "toy_world_info"]
+
+
+def asset_dir() -> Path:
+    """The folder of the shipped toy models (inside the installed package)."""
+    return Path(__file__).resolve().parent / "assets"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the toy assets are not installed (run `varejax toy train "
+                                f"--config.install=True`, or reinstall varejax)")
+    return path
+
+
+def toy_world_info() -> dict[str, Any]:
+    """The shipped `world.json`: world version, schedule, accuracies, timings, training config."""
+    return json.loads(_require(asset_dir() / WORLD_FILE).read_text())
+
+
+def load_toy_pipeline(*, text_cache_dir: str | None = None, mesh: Any = None, rules: Any = None,
+                      **numerics: Any):
+    """`Pipeline.from_dirs` over the shipped infinity/, vae/ and t5/ folders (numerics: InfinityConfig
+    fields such as compute_dtype or cond_drop_rate, passed to the transformer loader)."""
+    from varejax.sample.pipeline import Pipeline
+
+    root = asset_dir()
+    return Pipeline.from_dirs(str(_require(root / "infinity")), str(_require(root / "vae")),
+                              str(_require(root / "t5")), text_cache_dir=text_cache_dir, min_vocab=TOY_MIN_VOCAB,
+                              mesh=mesh, rules=rules, **numerics)
+
+
+def load_toy_oracle():
+    """The shipped oracle's parameters (`varejax.toy.oracle.classify(params, images)`)."""
+    from varejax.toy.oracle import load_oracle
+
+    return load_oracle(str(_require(asset_dir() / "oracle")))

@@ -1,0 +1,302 @@
+"""The main job on the embedded toy world: erase a concept, sample before and after, measure, report.
+
+    varejax erase --config configs/toy_circle.py --workdir runs/toy
+
+Steps: load the shipped toy models (no downloads); build (c*, c) pairs from the world's *seen* prompt
+family (e.g. "a red circle on a striped background" -> "a red square on a striped background"); run the
+same S-VARE trainer as for Infinity-2B (`varejax.erase.trainer.run_erase`: VARE trajectories, L_FCE +
+L_Pre); sample fixed prompt sets with the original and the erased model (same seeds); let the oracle
+decide what each image shows; write `results.json`, `report.md` with PNG grids and a loss plot, and a
+short table to the terminal.
+
+Metrics (see README, "The toy world"):
+* erasure rate: share of concept prompts whose images do NOT show the concept, on seen prompts and on
+  unseen paraphrases (the paraphrase family never appears in the erasure pairs);
+* preservation: oracle accuracy on the prompted attributes of prompts that do not ask for the concept;
+* toy FID: Frechet distance of oracle features between original and erased images of those prompts;
+* prompt following: the original model's accuracy on the prompted attributes of random prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from varejax.data.pairs import PromptPair, write_pairs
+from varejax.eval.metrics import attribute_accuracy, erasure_rate, frechet_distance
+from varejax.eval.report import labelled_grid, line_plot, markdown_table, text_table
+from varejax.toy import world
+
+
+class PromptSet:
+    """Prompts with what each asks for (attribute -> value, or None when unsaid) and a seed each."""
+
+    def __init__(self, name: str, prompts: list[str], wanted: list[dict[str, int | None]], seed: int):
+        self.name, self.prompts, self.wanted = name, prompts, wanted
+        self.seeds = [seed + i for i in range(len(prompts))]
+
+
+def _concept_set(name: str, concept: str, family: str, n: int, seed: int) -> PromptSet:
+    pairs = world.anchor_pairs(concept, None, family, n, seed)
+    attr, value = world.parse_concept(concept)
+    return PromptSet(name, [p.prompt for p in pairs], [{attr: int(value)} for _ in pairs], seed)
+
+
+def _other_set(name: str, concepts: Sequence[str], n: int, seed: int) -> PromptSet:
+    """Prompts that never ask for any of `concepts`; they always say the attribute the concepts belong to
+    (its other values are the closest neighbours of the concept: the hardest to preserve)."""
+    rng = np.random.default_rng(seed)
+    excluded = [world.parse_concept(c) for c in concepts]
+    prompts, wanted = [], []
+    while len(prompts) < n:
+        attrs = world.sample_attributes(rng)
+        if any(getattr(attrs, attr) == value for attr, value in excluded):
+            continue
+        said = world.sample_mention(rng) | {attr for attr, _ in excluded}
+        family = world.FAMILIES[int(rng.integers(len(world.FAMILIES)))]
+        prompts.append(world.prompt(attrs, rng, family, mention=said))
+        wanted.append({a: (int(v) if a in said else None) for a, v in attrs.labels().items()})
+    return PromptSet(name, prompts, wanted, seed)
+
+
+def _random_set(name: str, n: int, seed: int) -> PromptSet:
+    rng = np.random.default_rng(seed)
+    prompts, wanted = [], []
+    for i in range(n):
+        attrs = world.sample_attributes(rng)
+        said = world.sample_mention(rng) or frozenset({"shape"})
+        prompts.append(world.prompt(attrs, rng, world.FAMILIES[i % len(world.FAMILIES)], mention=said))
+        wanted.append({a: (int(v) if a in said else None) for a, v in attrs.labels().items()})
+    return PromptSet(name, prompts, wanted, seed)
+
+
+def _generate(pipeline, params, prompt_set: PromptSet, sampling, schedule, batch: int) -> np.ndarray:
+    out = []
+    for start in range(0, len(prompt_set.prompts), batch):
+        prompts = prompt_set.prompts[start:start + batch]
+        seeds = prompt_set.seeds[start:start + batch]
+        n = len(prompts)
+        prompts = prompts + [prompts[-1]] * (batch - n)  # full batches: one compiled sampler
+        seeds = seeds + [seeds[-1]] * (batch - n)
+        out.append(pipeline.generate(prompts, seeds, sampling, schedule, params=params)[:n])
+    return np.concatenate(out)
+
+
+def _shows(predicted: dict[str, np.ndarray], concept: str) -> np.ndarray:
+    attr, value = world.parse_concept(concept)
+    return np.asarray(predicted[attr]) == int(value)
+
+
+def erasure_pairs(config: Any) -> dict[str, list[PromptPair]]:
+    """The (c*, c) pairs of each concept, from the world's seen family."""
+    out = {}
+    for i, concept in enumerate(config.toy.concepts):
+        anchor = config.toy.anchors[i] if i < len(config.toy.anchors) and config.toy.anchors[i] else None
+        pairs = world.anchor_pairs(concept, anchor, "seen", int(config.toy.pairs_per_concept),
+                                   int(config.toy.pairs_seed) + 1000 * i)
+        out[concept] = [PromptPair(p.prompt, p.anchor, concept, f"toy:{concept}:{k}") for k, p in enumerate(pairs)]
+    return out
+
+
+class ToyBench:
+    """The toy world's models, oracle and fixed prompt sets: images of any parameters, and the metrics."""
+
+    def __init__(self, config: Any, workdir: str | Path):
+        from varejax.sample.sampler import SamplingConfig
+        from varejax.toy.assets import TOY_SCHEDULE, load_toy_oracle, load_toy_pipeline
+
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.concepts = list(config.toy.concepts)
+        self.pipeline = load_toy_pipeline(text_cache_dir=str(self.workdir / "text_cache"), **dict(config.numerics))
+        self.oracle = load_toy_oracle()
+        self.schedule = TOY_SCHEDULE
+        e = config.eval
+        self.sets: dict[str, PromptSet] = {}
+        for i, concept in enumerate(self.concepts):
+            for family, offset in (("seen", 0), ("paraphrase", 5000)):
+                name = f"{concept}/{family}"
+                self.sets[name] = _concept_set(name, concept, family, int(e.concept_prompts),
+                                               int(e.seed) + 10_000 * (i + 1) + offset)
+        self.sets["others"] = _other_set("others", self.concepts, int(e.other_prompts), int(e.seed) + 777)
+        self.following = _random_set("following", int(e.following_prompts), int(e.seed) + 999)
+        self.sampling = SamplingConfig(cfg=(float(e.guidance),), tau=(float(e.tau),), top_k=0, top_p=float(e.top_p))
+        self.batch = int(e.batch_size)
+
+    @property
+    def base_params(self) -> Any:
+        return self.pipeline.infinity_params
+
+    def models(self) -> tuple[Any, Any, Any]:
+        """(cfg, params, encode_text) for `run_erase(..., models=...)`."""
+        return self.pipeline.infinity_cfg, self.base_params, self.pipeline.text_encoder.encode
+
+    def images(self, params: Any, prompt_set: PromptSet) -> np.ndarray:
+        return _generate(self.pipeline, params, prompt_set, self.sampling, self.schedule, self.batch)
+
+    def all_images(self, params: Any) -> dict[str, np.ndarray]:
+        return {name: self.images(params, s) for name, s in self.sets.items()}
+
+    def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        from varejax.toy.oracle import classify_batched
+        return classify_batched(self.oracle, images)
+
+    def prompt_following(self, params: Any) -> dict[str, Any]:
+        predicted = self.predict(self.images(params, self.following))
+        wanted = self.following.wanted
+        return {"prompt_following": attribute_accuracy(predicted, wanted),
+                "prompt_following_per_attribute": {a: attribute_accuracy(predicted, wanted, [a])
+                                                   for a in world.ATTRIBUTE_NAMES}}
+
+    def measure(self, before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Erasure rates (seen, paraphrase; before/after), preservation before/after, toy FID."""
+        from varejax.toy.oracle import features as oracle_features
+
+        results: dict[str, Any] = {"concepts": self.concepts, "per_concept": {}}
+        for concept in self.concepts:
+            entry = {}
+            for family in ("seen", "paraphrase"):
+                name = f"{concept}/{family}"
+                entry[f"erasure_rate_{family}_before"] = erasure_rate(_shows(self.predict(before[name]), concept))
+                entry[f"erasure_rate_{family}_after"] = erasure_rate(_shows(self.predict(after[name]), concept))
+            results["per_concept"][concept] = entry
+        for key in ("erasure_rate_seen_before", "erasure_rate_seen_after", "erasure_rate_paraphrase_before",
+                    "erasure_rate_paraphrase_after"):
+            results[key] = float(np.mean([results["per_concept"][c][key] for c in self.concepts]))
+        others = self.sets["others"]
+        results["preservation_before"] = attribute_accuracy(self.predict(before["others"]), others.wanted)
+        results["preservation_after"] = attribute_accuracy(self.predict(after["others"]), others.wanted)
+        results["toy_fid"] = frechet_distance(np.asarray(oracle_features(self.oracle, before["others"])),
+                                              np.asarray(oracle_features(self.oracle, after["others"])))
+        return results
+
+
+def write_pair_files(config: Any, workdir: Path) -> None:
+    """Writes the erasure pairs of every concept and points `config.pairs` (and the schedule) at them."""
+    from varejax.toy.assets import TOY_SCHEDULE
+
+    files = []
+    for concept, pairs in erasure_pairs(config).items():
+        path = workdir / f"pairs_{concept.replace(' ', '_')}.jsonl"
+        write_pairs(pairs, path)
+        files.append(str(path))
+    config.pairs = tuple(files)
+    config.schedule = tuple(tuple(s) for s in TOY_SCHEDULE)
+
+
+def run_toy_job(config: Any, workdir: str | Path, *, verbose: bool = True) -> dict[str, Any]:
+    """The whole toy job; returns (and writes) the results dict."""
+    from varejax.erase.trainer import run_erase
+
+    start = time.time()
+    bench = ToyBench(config, workdir)
+    workdir = bench.workdir
+    write_pair_files(config, workdir)
+    before = bench.all_images(bench.base_params)
+    following = bench.prompt_following(bench.base_params)
+    result = run_erase(config, workdir, models=bench.models())
+    after = bench.all_images(result.params)
+    results = {**bench.measure(before, after), **following, "train_steps": int(config.train.steps),
+               "wall_time_s": round(time.time() - start, 1)}
+    (workdir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    _write_report(workdir, results, bench.sets, before, after, bench.concepts)
+    if verbose:
+        print(summary_table(results))
+        print(f"report: {workdir / 'report.md'}")
+    return results
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    rows = [["erasure rate, seen prompts", results["erasure_rate_seen_before"], results["erasure_rate_seen_after"]],
+            ["erasure rate, unseen paraphrases", results["erasure_rate_paraphrase_before"],
+             results["erasure_rate_paraphrase_after"]],
+            ["preservation (other prompts)", results["preservation_before"], results["preservation_after"]],
+            ["toy FID (original vs erased)", "", results["toy_fid"]],
+            ["prompt following (original)", results["prompt_following"], ""]]
+    return text_table(["metric", "before", "after"], rows) + f"\nwall time {results['wall_time_s']:.0f} s"
+
+
+def _write_report(workdir: Path, results, sets, before, after, concepts) -> None:
+    figures = workdir / "figures"
+    figures.mkdir(exist_ok=True)
+    lines = [f"# Toy-world erasure of {', '.join(concepts)}", "",
+             "Oracle-measured on fixed prompt sets with fixed seeds (same seeds before and after).", "",
+             markdown_table(["metric", "before", "after"], [
+                 ["erasure rate, seen prompts", results["erasure_rate_seen_before"],
+                  results["erasure_rate_seen_after"]],
+                 ["erasure rate, unseen paraphrases", results["erasure_rate_paraphrase_before"],
+                  results["erasure_rate_paraphrase_after"]],
+                 ["preservation (prompts without the concept)", results["preservation_before"],
+                  results["preservation_after"]],
+                 ["toy FID, original vs erased (other prompts)", "", results["toy_fid"]],
+                 ["prompt following of the original model", results["prompt_following"], ""]]), ""]
+    if len(concepts) > 1:
+        lines += ["Per concept:", "", markdown_table(
+            ["concept", "seen before", "seen after", "paraphrase before", "paraphrase after"],
+            [[c, *(results["per_concept"][c][k] for k in ("erasure_rate_seen_before", "erasure_rate_seen_after",
+                                                          "erasure_rate_paraphrase_before",
+                                                          "erasure_rate_paraphrase_after"))] for c in concepts]), ""]
+    for name, s in sets.items():
+        k = min(8, len(s.prompts))
+        file = name.replace("/", "_").replace(" ", "_")
+        labelled_grid(np.concatenate([before[name][:k], after[name][:k]]), [f"before {i}" for i in range(k)]
+                      + [f"after {i}" for i in range(k)], k, figures / f"{file}.png")
+        lines += [f"## {name}", "", f"![{name}](figures/{file}.png)", "",
+                  "Top row: original model; bottom row: erased model. Prompts: "
+                  + "; ".join(f"{i}: {p}" for i, p in enumerate(s.prompts[:k])), ""]
+    metrics_path = workdir / "metrics.jsonl"
+    if metrics_path.exists():
+        records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+        series = {key: [(r["step"], r[key]) for r in records if key in r]
+                  for key in ("loss_erase", "loss_pre", "kept_fraction")}
+        line_plot(series, figures / "losses.png", title="S-VARE training (per step)")
+        lines += ["## Training", "", "![losses](figures/losses.png)", ""]
+    (workdir / "report.md").write_text("\n".join(lines))
+
+
+def toy_config(concepts: Sequence[str], anchors: Sequence[str] = (), size: str = "full"):
+    """The erasure config of the toy world (the erase defaults, sized for a 2-core CPU).
+
+    size: "full" (the README's main job, a few minutes) or "ci" (fewer steps and prompts, for tests).
+    """
+    import ml_collections
+
+    from varejax.erase.defaults import base_config
+
+    if size not in ("full", "ci"):
+        raise ValueError(f"size must be 'full' or 'ci', not {size!r}")
+    small = size == "ci"
+    config = base_config(())
+    config.toy = ml_collections.ConfigDict()
+    config.toy.concepts = tuple(concepts)
+    config.toy.anchors = tuple(anchors) or ("",) * len(concepts)   # "" = the world's default anchor
+    config.toy.pairs_per_concept = 16 if small else 32
+    config.toy.pairs_seed = 0
+    config.eval = ml_collections.ConfigDict()
+    config.eval.concept_prompts = 32 if small else 64      # per concept and family (seen, paraphrase)
+    config.eval.other_prompts = 32 if small else 96        # prompts without the concept (preservation, FID)
+    config.eval.following_prompts = 32 if small else 96    # prompt following of the original model
+    config.eval.guidance = 3.0
+    config.eval.tau = 1.0
+    config.eval.top_p = 0.97
+    config.eval.batch_size = 32
+    config.eval.seed = 12345
+    config.prepare.guidance = 3.0
+    config.prepare.batch_size = 16
+    config.train.steps = 60 if small else 150
+    config.train.batch_size = 8
+    config.train.learning_rate = 3e-4
+    config.train.checkpoint_every = 50
+    config.train.drop_path_rate = 0.0
+    config.train.remat = False
+    config.validation.every = 0
+    config.numerics.compute_dtype = "float32"
+    config.numerics.matmul_precision = "default"
+    config.numerics.attention_impl = "xla"
+    config.mesh.shape = (1, 1, 1)
+    return config
