@@ -3,16 +3,17 @@
     varejax erase --config configs/toy_circle.py --workdir runs/toy
     varejax erase --config configs/toy_circle.py:ci --workdir runs/toy_ci     # reduced (tests)
 
-Pairs "... circle ..." -> "... square ..." from the world's seen prompts; evaluated on seen prompts and
-unseen paraphrases ("disk", "round form", ...). Writes results.json, report.md and figures/.
+Pairs "... circle ..." -> "... heart ..." from the world's seen prompts (why heart: see
+`varejax.toy.job.main_job_config`); evaluated on seen prompts and unseen paraphrases ("disk", "round
+form", ...). Writes results.json, report.md and figures/.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from varejax.toy.job import toy_config
+from varejax.toy.job import main_job_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    return toy_config(("circle",), size=arg or "full").lock()
+    return main_job_config(size=arg or "full").lock()

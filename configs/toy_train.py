@@ -42,6 +42,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.oracle.noise = 0.08      # Gaussian pixel noise of std U(0, noise) (robustness to decoded images)
     config.oracle.blur = 1.2        # Gaussian blur of std U(0, blur) px (decoded images are smoother)
     config.oracle.log_every = 100
+    # Optional adaptation to decoded images (after the tokenizer): fine-tune on tokenizer round trips of
+    # labelled training images mixed 1:1 with the originals. Off for the shipped oracle: 600 steps raised its
+    # shape accuracy on reconstructions from 0.742 to 0.863 but lowered it on rendered held-out images to
+    # 0.986 (< 0.99), and it read the base model's soft shapes as hearts and stars instead of circles.
+    config.oracle.adapt_images = 16 if smoke else 4000
+    config.oracle.adapt_steps = 2 if smoke else 0
+    config.oracle.adapt_learning_rate = 1e-3
 
     config.vae = ml_collections.ConfigDict()
     config.vae.codebook_dim = 16
@@ -55,8 +62,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.vae.warmup = 30
     config.vae.weight_decay = 0.0
     config.vae.commit_weight = 0.05
-    # Decoder refinement: the decoder alone on (summed codes -> image) of the n_latent images, encoder frozen.
-    config.vae.refine_steps = 2 if smoke else 500
+    # Optional decoder refinement: the decoder alone on (summed codes -> image) of the n_latent images, encoder
+    # frozen. Off for the shipped assets: 100 steps at batch 16 left the reconstruction loss where the joint
+    # training ended (0.1835), so the tokenizer's limit is its bits, not the decoder's training.
+    config.vae.refine_steps = 2 if smoke else 0
     config.vae.refine_batch_size = 4 if smoke else 16
     config.vae.refine_learning_rate = 1e-3
     config.vae.log_every = 50
@@ -65,6 +74,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.t2i.steps = 2 if smoke else 2000
     config.t2i.batch_size = 4 if smoke else 32
     config.t2i.learning_rate = 1e-3
+    config.t2i.restarts = () if smoke else (1200,)   # warm restarts after the first cycle (steps each)
+    config.t2i.restart_learning_rate = 5e-4
     config.t2i.warmup = 60
     config.t2i.b2 = 0.97
     config.t2i.weight_decay = 0.05
@@ -91,8 +102,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.n = 4 if smoke else 128          # prompts per family (all three attributes said)
     config.eval.n_circle = 4 if smoke else 64    # "circle" prompts per family
     config.eval.batch_size = 4 if smoke else 64
-    config.eval.cfg = 3.0
-    config.eval.tau = 0.5
+    config.eval.cfg = 4.0           # cfg 3-4 (tau 1): the best shape and colour following of the toy model
+    config.eval.tau = 1.0
     config.eval.top_p = 0.97
     config.eval.greedy = False
     return config.lock()

@@ -142,7 +142,7 @@ def test_shipped_models_follow_prompts():
     attrs = [world.Attributes(shape, world.Colour(int(rng.integers(6))), world.Background(int(rng.integers(4))))
              for shape in (world.Shape.CIRCLE, world.Shape.SQUARE, world.Shape.TRIANGLE, world.Shape.STAR)]
     prompts = [world.prompt(a, rng, family, mention="all") for family in world.FAMILIES for a in attrs]
-    sampling = SamplingConfig(cfg=(3.0,), tau=(0.5,), top_p=0.97)
+    sampling = SamplingConfig(cfg=(4.0,), tau=(1.0,), top_p=0.97)
     images = pipeline.generate(prompts, list(range(len(prompts))), sampling, TOY_SCHEDULE)
     assert images.shape == (8, 64, 64, 3) and images.dtype == np.uint8
     shapes = np.asarray(classify(load_toy_oracle(), images)["shape"])
@@ -171,6 +171,14 @@ def test_smoke_training_writes_loadable_folders(tmp_path):
     assert set(ids) == set(world.ATTRIBUTE_NAMES)
     summary = json.loads((models / "world.json").read_text())
     assert summary["schedule"][-1] == [1, 8, 8] and summary["prompt_following"] is None
+    # every stage ran: the oracle was adapted to decoded images, the decoder refined
+    from varejax.checkpoint import read_config
+    from varejax.toy.oracle import read_oracle_config
+
+    assert read_oracle_config(str(models / "oracle"))["adaptation"]["steps"] == 2
+    assert set(summary["oracle_accuracy_on_reconstructions"]) == set(world.ATTRIBUTE_NAMES)
+    assert read_config(models / "vae")["training"]["decoder_refinement"]["steps"] == 2
+    assert read_config(models / "infinity")["training"]["cycles"] == 1
     assert (tmp_path / "train.log").is_file()
 
 

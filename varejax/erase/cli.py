@@ -27,8 +27,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
 
     if args.config is None:
         from varejax.configlib import apply_overrides
-        from varejax.toy.job import toy_config
-        config = apply_overrides(toy_config(("circle",)).lock(), overrides, "the embedded toy config")
+        from varejax.toy.job import main_job_config
+        config = apply_overrides(main_job_config().lock(), overrides, "the embedded toy config")
     else:
         config = load_config(args.config, overrides)
     if "toy" in config:  # the embedded toy world: erase, sample before/after, evaluate, report

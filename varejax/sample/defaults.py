@@ -10,14 +10,14 @@ import ml_collections
 
 from varejax import configlib
 
-DEFAULTS = {"2b": (4.0, 0.5), "8b": (3.0, 1.0), "toy": (3.0, 1.0)}
+DEFAULTS = {"2b": (4.0, 0.5), "8b": (3.0, 1.0), "toy": (4.0, 1.0)}
 TOY_PROMPTS = ("a red circle on a striped background", "a blue square", "a green triangle on a dotted background",
                "a yellow star in front of a checkered background")
 
 
 def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Sampling settings of upstream's scripts for `arg` = 2b (cfg 4, tau 0.5) or 8b (cfg 3, tau 1), or
-    the toy world's (`toy`: cfg 3, tau 1, its prompts)."""
+    the toy world's (`toy`: cfg 4, tau 1, its prompts)."""
     cfg_scale, tau = DEFAULTS[arg or "2b"]
     config = ml_collections.ConfigDict()
     config.model = ml_collections.ConfigDict()

@@ -281,12 +281,12 @@ def toy_config(concepts: Sequence[str], anchors: Sequence[str] = (), size: str =
     config.eval.concept_prompts = 32 if small else 64      # per concept and family (seen, paraphrase)
     config.eval.other_prompts = 32 if small else 96        # prompts without the concept (preservation, FID)
     config.eval.following_prompts = 32 if small else 96    # prompt following of the original model
-    config.eval.guidance = 3.0
+    config.eval.guidance = 4.0     # cfg 3-4 (tau 1): the best shape and colour following of the toy model
     config.eval.tau = 1.0
     config.eval.top_p = 0.97
     config.eval.batch_size = 32
     config.eval.seed = 12345
-    config.prepare.guidance = 3.0
+    config.prepare.guidance = 4.0
     config.prepare.batch_size = 16
     config.train.steps = 60 if small else 150
     config.train.batch_size = 8
@@ -300,3 +300,13 @@ def toy_config(concepts: Sequence[str], anchors: Sequence[str] = (), size: str =
     config.numerics.attention_impl = "xla"
     config.mesh.shape = (1, 1, 1)
     return config
+
+
+def main_job_config(size: str = "full"):
+    """The main job (configs/toy_circle.py, and `varejax erase` without --config): erase "circle".
+
+    The anchor is "heart", not the world's default "square": the shipped base model draws hearts that the
+    oracle recognises (96% at cfg 4) but soft-cornered squares that it does not (0%), and the erasure rate
+    can only rise as far as the anchor's images leave the concept behind.
+    """
+    return toy_config(("circle",), anchors=("heart",), size=size)

@@ -163,13 +163,18 @@ def build_tokenizer():
 
 # ---- oracle ------------------------------------------------------------------------------------------
 
-def train_oracle(config, data: world.Dataset, log: Callable[[str], None], seed: int = 0
-                 ) -> tuple[Any, dict[str, Any]]:
-    """Trains the classifier on `data` -> (parameter state, record)."""
+def train_oracle(config, data: world.Dataset, log: Callable[[str], None], seed: int = 0, init: Any = None,
+                 steps: int | None = None, learning_rate: float | None = None) -> tuple[Any, dict[str, Any]]:
+    """Trains the classifier on `data` (images, labels) -> (parameter state, record).
+
+    init: parameters to start from (fine-tuning); steps / learning_rate override the config's.
+    """
     cfg = oracle.OracleConfig(channels=tuple(config.channels), feature_dim=config.feature_dim)
-    state = oracle.init_params(cfg, seed=seed)
+    state = oracle.init_params(cfg, seed=seed) if init is None else init
     flat = _flat(state)
-    tx = _adamw(config.learning_rate, config.warmup, config.steps, config.weight_decay)
+    steps = int(config.steps if steps is None else steps)
+    lr = float(config.learning_rate if learning_rate is None else learning_rate)
+    tx = _adamw(lr, config.warmup, steps, config.weight_decay)
     opt_state = tx.init(flat)
     noise, blur = float(config.noise), float(config.blur)
 
@@ -195,16 +200,41 @@ def train_oracle(config, data: world.Dataset, log: Callable[[str], None], seed: 
     key = jax.random.key(seed)
     batches = _batches(rng, len(data.images), config.batch_size)
     start, losses = time.time(), []
-    for i in range(config.steps):
+    for i in range(steps):
         idx = next(batches)
         labels = {n: jnp.asarray(data.labels[n][idx], jnp.int32) for n in world.ATTRIBUTE_NAMES}
         flat, opt_state, loss = step(flat, opt_state, data.images[idx], labels, jax.random.fold_in(key, i))
         losses.append(loss)
-        if (i + 1) % config.log_every == 0 or i + 1 == config.steps:
-            log(f"oracle step {i + 1}/{config.steps} loss {float(np.mean(jax.device_get(losses))):.4f} "
+        if (i + 1) % config.log_every == 0 or i + 1 == steps:
+            log(f"oracle step {i + 1}/{steps} loss {float(np.mean(jax.device_get(losses))):.4f} "
                 f"({time.time() - start:.0f}s)")
             losses = []
-    return oracle.state_from_flat(cfg, flat), {"steps": config.steps, "batch_size": config.batch_size}
+    return oracle.state_from_flat(cfg, flat), {"steps": steps, "batch_size": config.batch_size, "learning_rate": lr}
+
+
+def adapt_oracle(config, oracle_params, vae_cfg, vae_params, raw: np.ndarray, data: world.Dataset,
+                 log: Callable[[str], None], seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """Fine-tunes the oracle on tokenizer round trips of labelled images, mixed 1:1 with the originals.
+
+    Everything the erased and original models draw comes out of the tokenizer's decoder, whose images are
+    smoother than rendered ones (rounded corners, soft star points): an oracle trained on renders only
+    reads a decoded square as a circle. `raw` are the encoder features of `data.images[:len(raw)]`; the
+    first `config.adapt_images` of them are decoded through the sampler's path (bits -> summed codes).
+    """
+    from varejax import images as image_io
+    from varejax.models import bsq_vae
+
+    n = min(int(config.adapt_images), len(raw))
+    codes = summed_codes(raw[:n])
+    decoded = np.concatenate([image_io.to_uint8(np.asarray(bsq_vae.decode_jit(vae_params, jnp.asarray(
+        codes[i:i + 128]), vae_cfg))) for i in range(0, n, 128)])
+    mixed = world.Dataset(np.concatenate([decoded, data.images[:n]]),
+                          {k: np.concatenate([v[:n], v[:n]]) for k, v in data.labels.items()},
+                          list(data.prompts[:n]) * 2, list(data.families[:n]) * 2,
+                          np.concatenate([data.mentions[:n], data.mentions[:n]]))
+    params, record = train_oracle(config, mixed, log, seed + 7, init=oracle_params, steps=config.adapt_steps,
+                                  learning_rate=config.adapt_learning_rate)
+    return params, {**record, "images": n, "mixed_with_originals": True}
 
 
 def _random_blur(x_BHWC: jax.Array, sigma_B: jax.Array, radius: int = 2) -> jax.Array:
@@ -404,8 +434,16 @@ def _text_batch(tokenizer, labels: dict[str, np.ndarray], idx: np.ndarray, rng: 
 
 
 def train_text_to_image(config, raw: np.ndarray, labels: dict[str, np.ndarray], tokenizer,
-                        log: Callable[[str], None], seed: int = 0) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
-    """Trains T5 and Infinity jointly -> (T5Config, T5 state, InfinityConfig, Infinity state, record)."""
+                        log: Callable[[str], None], seed: int = 0, start_from: tuple[Any, Any, int] | None = None
+                        ) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+    """Trains T5 and Infinity jointly -> (T5Config, T5 state, InfinityConfig, Infinity state, record).
+
+    Training runs in cycles: `config.steps` steps, then one warm restart per entry of `config.restarts`
+    (its length in steps), each with its own warmup + cosine schedule (peak `config.learning_rate`, then
+    `config.restart_learning_rate`), a fresh AdamW state and its own seeded batch stream. A cycle depends
+    only on the weights it starts from, so `start_from=(t5 state, Infinity state, cycles done)` (a
+    finished run's weights) continues to exactly what a run from scratch gives.
+    """
     from varejax.models import apply, bit_loss, bitwise, t5
     from varejax.models.config import InfinityConfig
 
@@ -418,10 +456,13 @@ def train_text_to_image(config, raw: np.ndarray, labels: dict[str, np.ndarray], 
                              block_chunks=c.block_chunks, pad_to_multiplier=c.pad_to_multiplier,
                              cond_drop_rate=c.cond_drop_rate, drop_path_rate=c.drop_path_rate,
                              matmul_precision="default")
-    flat = {"t5": _flat(t5.init_params(t5_cfg, seed=seed + 2)),
-            "infinity": _flat(apply.init_params(inf_cfg, seed=seed + 3))}
-    tx = _adamw(config.learning_rate, config.warmup, config.steps, config.weight_decay, b2=config.b2)
-    opt_state = tx.init(flat)
+    if start_from is None:
+        flat = {"t5": _flat(t5.init_params(t5_cfg, seed=seed + 2)),
+                "infinity": _flat(apply.init_params(inf_cfg, seed=seed + 3))}
+        done = 0
+    else:
+        flat = {"t5": _flat(start_from[0]), "infinity": _flat(start_from[1])}
+        done = int(start_from[2])
     schedule = TOY_SCHEDULE
     noise_layers = len(schedule) if config.noise_strength > 0 else 0
 
@@ -435,29 +476,42 @@ def train_text_to_image(config, raw: np.ndarray, labels: dict[str, np.ndarray], 
         return bit_loss.loss_fn(inf_params, text, mask, x, gt, schedule, cfg=inf_cfg, reweight_by_scale=True,
                                 rng=k_model)
 
-    @jax.jit
-    def step(flat, opt_state, ids, mask, raw_batch, key):
-        loss, grads = jax.value_and_grad(loss_fn)(flat, ids, mask, raw_batch, key)
-        updates, opt_state = tx.update(grads, opt_state, flat)
-        return optax.apply_updates(flat, updates), opt_state, loss
+    cycles = [(int(config.steps), float(config.learning_rate))]
+    cycles += [(int(n), float(config.restart_learning_rate)) for n in config.restarts]
+    start, history, offset = time.time(), [], sum(n for n, _ in cycles[:done])
+    for cycle, (steps, lr) in enumerate(cycles):
+        if cycle < done:
+            continue
+        tx = _adamw(lr, config.warmup, steps, config.weight_decay, b2=config.b2)
+        opt_state = tx.init(flat)
 
-    rng = np.random.default_rng(seed + 2)
-    key = jax.random.key(seed + 2)
-    batches = _batches(rng, len(raw), config.batch_size)
-    start, losses, history = time.time(), [], []
-    for i in range(config.steps):
-        idx = next(batches)
-        ids, mask = _text_batch(tokenizer, labels, idx, rng)
-        flat, opt_state, loss = step(flat, opt_state, ids, mask, raw[idx], jax.random.fold_in(key, i))
-        losses.append(loss)
-        if (i + 1) % config.log_every == 0 or i + 1 == config.steps:
-            mean = float(np.mean(jax.device_get(losses)))
-            history.append([i + 1, round(mean, 5)])
-            log(f"t2i step {i + 1}/{config.steps} loss {mean:.4f} ({time.time() - start:.0f}s)")
-            losses = []
+        @jax.jit
+        def step(flat, opt_state, ids, mask, raw_batch, key, tx=tx):
+            loss, grads = jax.value_and_grad(loss_fn)(flat, ids, mask, raw_batch, key)
+            updates, opt_state = tx.update(grads, opt_state, flat)
+            return optax.apply_updates(flat, updates), opt_state, loss
+
+        # cycle 0 keeps the streams of a single-cycle run (seed + 2); later cycles get their own
+        rng = np.random.default_rng(seed + 2 + 1000 * cycle)
+        key = jax.random.key(seed + 2)
+        batches = _batches(rng, len(raw), config.batch_size)
+        losses = []
+        for i in range(steps):
+            idx = next(batches)
+            ids, mask = _text_batch(tokenizer, labels, idx, rng)
+            flat, opt_state, loss = step(flat, opt_state, ids, mask, raw[idx], jax.random.fold_in(key, offset + i))
+            losses.append(loss)
+            if (i + 1) % config.log_every == 0 or i + 1 == steps:
+                mean = float(np.mean(jax.device_get(losses)))
+                history.append([offset + i + 1, round(mean, 5)])
+                log(f"t2i cycle {cycle + 1}/{len(cycles)} step {i + 1}/{steps} loss {mean:.4f} "
+                    f"({time.time() - start:.0f}s)")
+                losses = []
+        offset += steps
     t5_saved = t5_cfg.replace(matmul_precision="highest")
     inf_saved = inf_cfg.replace(matmul_precision="highest")
-    record = {"steps": config.steps, "batch_size": config.batch_size, "loss_history": history}
+    record = {"steps": offset, "cycles": len(cycles), "cycle_steps": [n for n, _ in cycles],
+              "batch_size": config.batch_size, "loss_history": history}
     return (t5_saved, t5.state_from_flat(t5_saved, flat["t5"]), inf_saved,
             apply.state_from_flat(inf_saved, flat["infinity"]), record)
 
@@ -662,20 +716,50 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
         _save_preview(workdir / "reconstructions.png", heldout.images[:32], recon[:32])
 
     start = time.time()
+    oracle_meta = oracle.read_oracle_config(str(models / "oracle"))
+    if config.oracle.adapt_steps > 0 and "adaptation" not in oracle_meta:
+        oracle_params, adapt_record = adapt_oracle(config.oracle, oracle_params, vae_cfg, vae_params, raw, train,
+                                                   log, seed)
+        oracle_acc = oracle.accuracy(oracle_params, heldout.images, heldout.labels, batch)
+        recon = reconstruct(vae_cfg, vae_params, heldout.images, batch)
+        adapted_recon_acc = oracle.accuracy(oracle_params, recon, heldout.labels, batch)
+        times["oracle"] += time.time() - start
+        log(f"oracle adapted to decoded images: held-out accuracy {oracle_acc}, on their reconstructions "
+            f"{adapted_recon_acc} ({time.time() - start:.0f}s)")
+        meta = {k: v for k, v in oracle_meta.items() if k not in ("format", "model")}
+        oracle.write_oracle(str(models / "oracle"), oracle_params,
+                            {**meta, "accuracy": oracle_acc, "accuracy_on_reconstructions": adapted_recon_acc,
+                             "adaptation": {**adapt_record, "seconds": round(time.time() - start, 1)}},
+                            overwrite=True)
+    else:
+        oracle_acc = oracle_meta["accuracy"]
+        adapted_recon_acc = oracle_meta.get("accuracy_on_reconstructions")
+
+    start = time.time()
     tok = build_tokenizer()
     tokenizer_json = tok.to_str(pretty=True)
     tokenizer = T5Tokenizer(build_tokenizer(), source="toy", min_vocab=TOY_MIN_VOCAB)
-    if reuse is not None and config.reuse_t2i:
+    total_cycles = 1 + len(config.t2i.restarts)
+    reused = read_config(reuse / "infinity")["training"] if reuse is not None and config.reuse_t2i else None
+    if reused is not None and reused.get("cycles", 1) >= total_cycles:
         # The transformer learns from the encoder's bits only, which the decoder refinement leaves as they
         # are: a finished run's T5 + Infinity are what retraining would give.
-        times["t2i"] = float(read_config(reuse / "infinity")["training"]["seconds"])
+        times["t2i"] = float(reused["seconds"])
         for name in ("t5", "infinity"):
             _copy_model(reuse / name, models / name)
         log(f"T5 + Infinity reused from {reuse}")
     else:
+        start_from = None
+        if reused is not None:
+            from varejax.convert.infinity import load_infinity
+            from varejax.convert.t5 import load_t5
+
+            done = int(reused.get("cycles", 1))
+            start_from = (load_t5(str(reuse / "t5"))[1], load_infinity(str(reuse / "infinity"))[1], done)
+            log(f"T5 + Infinity: continuing from {reuse} after {done} of {total_cycles} cycles")
         t5_cfg, t5_params, inf_cfg, inf_params, t2i_record = train_text_to_image(
-            config.t2i, raw, train.labels, tokenizer, log, seed)
-        times["t2i"] = time.time() - start
+            config.t2i, raw, train.labels, tokenizer, log, seed, start_from=start_from)
+        times["t2i"] = time.time() - start + (float(reused["seconds"]) if reused is not None else 0.0)
         t2i_record["seconds"] = round(times["t2i"], 1)
         write_t5(models / "t5", t5_cfg, t5_params, tokenizer_json, t2i_record, seed)
         write_infinity(models / "infinity", inf_cfg, inf_params, t2i_record, seed)
@@ -702,8 +786,8 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
     summary = {
         "world_version": world.WORLD_VERSION, "image_size": world.IMAGE_SIZE,
         "schedule": [list(s) for s in TOY_SCHEDULE], "seed": seed, "min_vocab": TOY_MIN_VOCAB,
-        "oracle_accuracy": oracle_acc, "tokenizer": {"oracle_on_reconstructions": recon_acc,
-                                                     "reconstruction_mae_uint8": recon_mae},
+        "oracle_accuracy": oracle_acc, "oracle_accuracy_on_reconstructions": adapted_recon_acc,
+        "tokenizer": {"oracle_on_reconstructions": recon_acc, "reconstruction_mae_uint8": recon_mae},
         "prompt_following": evaluation, "seconds": {k: round(v, 1) for k, v in times.items()},
         "command": "varejax toy train --config configs/toy_train.py --config.install=True",
         "config": json.loads(config.to_json()),
