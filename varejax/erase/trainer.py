@@ -266,13 +266,13 @@ def run_erase(config: Any, workdir: str | os.PathLike, *, models: Any = None, ph
     step_fn = jit_step(update, donate=True)
     batches = TrajectoryBatches(files, int(config.train.batch_size), int(config.seed), text_length(files),
                                 jax.process_index(), jax.process_count())
-    # The step donates its inputs: keep what the deltas need. Preloaded models keep a device copy of the
-    # trainable tensors; models loaded from a folder are re-read from it at export time instead (no
-    # training-time memory).
+    # The step donates its inputs. Preloaded models: train on a device copy, so the caller's parameters
+    # stay valid (an ablation reuses them) and are the originals the deltas are taken against. Models
+    # loaded from a folder are re-read from it at export time instead (no training-time memory).
     original = None
     if models is not None:
-        original = optim.merge_trainable(params, jax.tree.map(
-            lambda x: x.copy(), optim.trainable_params(params, scfg.optim.trainable)))
+        original = params
+        params = jax.tree.map(lambda x: x.copy(), params)
     with sharding_context(mesh, rules):
         opt_state = jax.jit(lambda p: optim.init_opt_state(p, scfg.optim))(params)
     checkpoints = Checkpoints(workdir / "checkpoints")
