@@ -1,10 +1,12 @@
 """Training of the toy world's models (`varejax toy train`): oracle, BSQ-VAE tokenizer, T5 + Infinity.
 
-    varejax toy train --workdir runs/toy                          # ~30 min on 2 CPU cores
+    varejax toy train --workdir runs/toy                          # ~90 min on 2 CPU cores
     varejax toy train --workdir runs/toy --config.install=True    # and replace varejax/toy/assets/
     varejax toy train --workdir /tmp/t --config configs/toy_train.py:smoke   # tiny models, seconds
 
-The shipped assets are exactly what the default config (seed 0) produces with `--config.install=True`.
+The shipped assets are what the default config (seed 0) produces with `--config.install=True`; they were
+made in stages (`--config.reuse_dir=RUN/models`, `--config.reuse_t2i=True`: each stage is seeded and
+depends only on the stages before it), and world.json records every stage's config and time.
 """
 
 from __future__ import annotations
