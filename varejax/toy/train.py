@@ -221,13 +221,8 @@ def adapt_oracle(config, oracle_params, vae_cfg, vae_params, raw: np.ndarray, da
     reads a decoded square as a circle. `raw` are the encoder features of `data.images[:len(raw)]`; the
     first `config.adapt_images` of them are decoded through the sampler's path (bits -> summed codes).
     """
-    from varejax import images as image_io
-    from varejax.models import bsq_vae
-
     n = min(int(config.adapt_images), len(raw))
-    codes = summed_codes(raw[:n])
-    decoded = np.concatenate([image_io.to_uint8(np.asarray(bsq_vae.decode_jit(vae_params, jnp.asarray(
-        codes[i:i + 128]), vae_cfg))) for i in range(0, n, 128)])
+    decoded = decode_codes(vae_cfg, vae_params, summed_codes(raw[:n]))
     mixed = world.Dataset(np.concatenate([decoded, data.images[:n]]),
                           {k: np.concatenate([v[:n], v[:n]]) for k, v in data.labels.items()},
                           list(data.prompts[:n]) * 2, list(data.families[:n]) * 2,
@@ -326,19 +321,25 @@ def train_vae(config, data: world.Dataset, log: Callable[[str], None], seed: int
     return saved, bsq_vae.vae_state_from_flat(saved, flat), {"steps": config.steps, "batch_size": config.batch_size}
 
 
+def map_batches(fn: Callable[[jax.Array], jax.Array], array: np.ndarray, batch: int = 128) -> np.ndarray:
+    """`fn` over `array` in full batches of `batch` (the last one padded by repetition: one compiled shape),
+    results concatenated as numpy, padding dropped."""
+    out = []
+    for start in range(0, len(array), batch):
+        chunk = array[start:start + batch]
+        n = len(chunk)
+        if n < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
+        out.append(np.asarray(fn(jnp.asarray(chunk)))[:n])
+    return np.concatenate(out)
+
+
 def summed_codes(raw_NhwD: np.ndarray, batch: int = 128) -> np.ndarray:
     """The decoder's inputs on the sampler's path: raw features -> multi-scale bits -> summed codes."""
     from varejax.models import bitwise
 
-    out = []
-    for start in range(0, len(raw_NhwD), batch):
-        chunk = raw_NhwD[start:start + batch]
-        n = len(chunk)
-        if n < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
-        bits = bitwise.multiscale_quantize_jit(jnp.asarray(chunk), TOY_SCHEDULE).bits
-        out.append(np.asarray(bitwise.decode_bits_jit(bits, TOY_SCHEDULE))[:n])
-    return np.concatenate(out)
+    return map_batches(lambda raw: bitwise.decode_bits_jit(bitwise.multiscale_quantize_jit(raw, TOY_SCHEDULE).bits,
+                                                           TOY_SCHEDULE), raw_NhwD, batch)
 
 
 def refine_decoder(config, vae_cfg, vae_params, codes: np.ndarray, images_u8: np.ndarray,
@@ -391,33 +392,21 @@ def encode_raw(vae_cfg, vae_params, images_u8: np.ndarray, batch: int = 128) -> 
     """Raw tokenizer features [N, h, w, d] float32 of uint8 images."""
     from varejax.models import bsq_vae
 
-    out = []
-    for start in range(0, len(images_u8), batch):
-        chunk = images_u8[start:start + batch]
-        n = len(chunk)
-        if n < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
-        raw = bsq_vae.encode_jit(vae_params, _to_float(jnp.asarray(chunk)), vae_cfg)
-        out.append(np.asarray(raw)[:n])
-    return np.concatenate(out)
+    return map_batches(lambda x: bsq_vae.encode_jit(vae_params, _to_float(x), vae_cfg), images_u8, batch)
+
+
+def decode_codes(vae_cfg, vae_params, codes: np.ndarray, batch: int = 128) -> np.ndarray:
+    """uint8 images of summed codes."""
+    from varejax import images as image_io
+    from varejax.models import bsq_vae
+
+    return image_io.to_uint8(map_batches(lambda c: bsq_vae.decode_jit(vae_params, c, vae_cfg), codes, batch))
 
 
 def reconstruct(vae_cfg, vae_params, images_u8: np.ndarray, batch: int = 128) -> np.ndarray:
     """uint8 reconstructions through the sampler's path: encode -> multi-scale bits -> summed codes -> decode."""
-    from varejax import images as image_io
-    from varejax.models import bitwise, bsq_vae
-
-    out = []
-    raw_all = encode_raw(vae_cfg, vae_params, images_u8, batch)
-    for start in range(0, len(raw_all), batch):
-        chunk = raw_all[start:start + batch]
-        n = len(chunk)
-        if n < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
-        bits = bitwise.multiscale_quantize_jit(jnp.asarray(chunk), TOY_SCHEDULE).bits
-        decoded = bsq_vae.decode_jit(vae_params, bitwise.decode_bits_jit(bits, TOY_SCHEDULE), vae_cfg)
-        out.append(image_io.to_uint8(np.asarray(decoded))[:n])
-    return np.concatenate(out)
+    codes = summed_codes(encode_raw(vae_cfg, vae_params, images_u8, batch), batch)
+    return decode_codes(vae_cfg, vae_params, codes, batch)
 
 
 # ---- T5 + Infinity -----------------------------------------------------------------------------------

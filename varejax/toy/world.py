@@ -462,20 +462,25 @@ def concept_prompts(concept: str | tuple[str, int], family: str = "seen", n: int
     return [(p.prompt, p.attrs) for p in anchor_pairs(concept, None, family, n, seed, mention)]
 
 
+def _anchor_value(concept: str | tuple[str, int], anchor: str | int | None) -> enum.IntEnum:
+    """The anchor's value (a name, a value, or None = `default_anchor`), of the concept's attribute."""
+    name, value = parse_concept(concept)
+    if anchor is None:
+        return default_anchor((name, value))
+    if isinstance(anchor, str):
+        anchor_name, anchor_value = parse_concept(anchor)
+        if anchor_name != name:
+            raise ValueError(f"anchor {anchor!r} is a {anchor_name}, the concept {concept!r} a {name}")
+        return anchor_value
+    return ATTRIBUTES[name](int(anchor))
+
+
 def anchor_pairs(concept: str | tuple[str, int], anchor: str | int | None = None, family: str = "seen", n: int = 32,
                  seed: int = 0, mention=None) -> list[PromptPair]:
     """`n` (concept prompt, anchor prompt) pairs of `family` with the same template, synonyms slots and
     other attributes; `anchor` (a value or its name; default `default_anchor`) replaces the concept."""
     name, value = parse_concept(concept)
-    cls = ATTRIBUTES[name]
-    if anchor is None:
-        anchor_value = default_anchor((name, value))
-    elif isinstance(anchor, str):
-        anchor_name, anchor_value = parse_concept(anchor)
-        if anchor_name != name:
-            raise ValueError(f"anchor {anchor!r} is a {anchor_name}, the concept {concept!r} a {name}")
-    else:
-        anchor_value = cls(int(anchor))
+    anchor_value = _anchor_value(concept, anchor)
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
@@ -499,14 +504,7 @@ def to_anchor(text: str, concept: str | tuple[str, int], anchor: str | int | Non
     import re
 
     name, value = parse_concept(concept)
-    if anchor is None:
-        target = default_anchor((name, value))
-    elif isinstance(anchor, str):
-        anchor_name, target = parse_concept(anchor)
-        if anchor_name != name:
-            raise ValueError(f"anchor {anchor!r} is a {anchor_name}, the concept {concept!r} a {name}")
-    else:
-        target = ATTRIBUTES[name](int(anchor))
+    target = _anchor_value(concept, anchor)
     swaps = []
     for fam in PROMPT_FAMILIES.values():
         tables = [fam.words[name]] + ([fam.bg_nouns] if name == "background" else [])
