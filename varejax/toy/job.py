@@ -198,9 +198,10 @@ def run_toy_job(config: Any, workdir: str | Path, *, verbose: bool = True) -> di
     workdir = bench.workdir
     write_pair_files(config, workdir)
     before = bench.all_images(bench.base_params)
-    following = bench.prompt_following(bench.base_params)
     result = run_erase(config, workdir, models=bench.models())
     after = bench.all_images(result.params)
+    # After the erasure on purpose: the trainer must leave the preloaded base parameters valid.
+    following = bench.prompt_following(bench.base_params)
     results = {**bench.measure(before, after), **following, "train_steps": int(config.train.steps),
                "wall_time_s": round(time.time() - start, 1)}
     (workdir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
