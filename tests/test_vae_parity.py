@@ -200,6 +200,27 @@ def test_released_tokenizer_shapes(preset, image_hw, latent_hw):
                        jax.ShapeDtypeStruct((1, image_hw[0] + 4, image_hw[1], 3), np.float32))
 
 
+def test_pixel_unshuffle_packs_pixels_into_the_first_convolution():
+    """pixel_unshuffle=f runs the convolutions at 1/f resolution, with the same latent grid; the packed
+    encoder sees exactly the f x f block's pixels (torch pixel_unshuffle order) and the config round-trips."""
+    from varejax.models.patchify import pixel_unshuffle
+
+    cfg = bsq_vae.VAEConfig(codebook_dim=8, patch_size=8, ch_mult=(1, 1, 1), base_ch=24, num_res_blocks=1,
+                            pixel_unshuffle=2)
+    assert cfg.num_downsamples == 2 and bsq_vae.VAEConfig.from_dict(cfg.to_dict()) == cfg
+    params = bsq_vae.init_vae_params(cfg, seed=0)
+    x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
+    raw = bsq_vae.encode(params, x, cfg)
+    assert raw.shape == (2, 4, 4, 8)
+    assert bsq_vae.decode(params, raw, cfg).shape == (2, 32, 32, 3)
+    # The packed image through the same weights without packing (in_channels 12, patch 4) is the same encoder.
+    plain = cfg.replace(pixel_unshuffle=1, patch_size=4, in_channels=12, out_channels=12)
+    raw_plain = bsq_vae.encode(params, pixel_unshuffle(x, 2), plain)
+    np.testing.assert_allclose(np.asarray(raw), np.asarray(raw_plain), rtol=0, atol=0)
+    for bad in (3, 16):
+        with pytest.raises(ValueError, match="pixel_unshuffle"):
+            cfg.replace(pixel_unshuffle=bad)
+
 # ---- image files ---------------------------------------------------------------------------------------
 
 def test_image_files_and_upstream_conversions(tmp_path):

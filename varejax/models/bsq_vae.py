@@ -39,12 +39,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from varejax.models.layers import F32, dtype_of, param, shapes_only
+from varejax.models.patchify import pixel_shuffle, pixel_unshuffle
 from varejax.models.state import fill_state
 from varejax.parallel import constrain
 
 # Fields that fix the parameter shapes; the rest is numerics.
 VAE_ARCH_FIELDS = ("codebook_dim", "patch_size", "ch_mult", "base_ch", "num_res_blocks", "in_channels",
-                   "out_channels")
+                   "out_channels", "pixel_unshuffle")
 GROUP_NORM_EPS = 1e-6
 IMAGE_AXES = ("act_batch", None, None, None)
 
@@ -70,6 +71,9 @@ class VAEConfig:
       num_res_blocks: ResnetBlocks per encoder level (the decoder has one more per level).
       in_channels: image channels in (RGB).
       out_channels: image channels out.
+      pixel_unshuffle: f > 1 packs each f x f pixel block into channels before the encoder (and unpacks
+        after the decoder), so the convolutions run at 1/f resolution (f^2 fewer FLOPs at level 0); the
+        latent grid is still the image size / patch_size. 1 (no packing) for every released tokenizer.
       param_dtype: dtype parameters are created/stored in.
       compute_dtype: dtype of convolution inputs; GroupNorm, swish and the residual stream stay float32.
       matmul_precision: `jax.lax.Precision` of float32 convolutions ("highest" for parity on GPU/TPU).
@@ -82,6 +86,7 @@ class VAEConfig:
     num_res_blocks: int = 2
     in_channels: int = 3
     out_channels: int = 3
+    pixel_unshuffle: int = 1
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     matmul_precision: str = "highest"
@@ -91,6 +96,10 @@ class VAEConfig:
         problems = []
         if self.patch_size < 1 or self.patch_size & (self.patch_size - 1):
             problems.append(f"patch_size {self.patch_size} is not a power of two")
+        elif (self.pixel_unshuffle < 1 or self.pixel_unshuffle & (self.pixel_unshuffle - 1)
+              or self.patch_size % self.pixel_unshuffle):
+            problems.append(f"pixel_unshuffle {self.pixel_unshuffle} must be a power of two dividing patch_size "
+                            f"{self.patch_size}")
         elif self.num_downsamples > len(self.ch_mult) - 1:
             problems.append(f"patch_size {self.patch_size} needs {self.num_downsamples} downsamples, but ch_mult "
                             f"{list(self.ch_mult)} has only {len(self.ch_mult)} levels (at most levels - 1)")
@@ -110,8 +119,11 @@ class VAEConfig:
 
     @property
     def num_downsamples(self) -> int:
-        """log2(patch_size): encoder levels i < this downsample, decoder levels 1 <= i <= this upsample."""
-        return int(math.log2(self.patch_size)) if self.patch_size >= 1 else 0
+        """log2(patch_size / pixel_unshuffle): encoder levels i < this downsample, decoder levels
+        1 <= i <= this upsample."""
+        if self.patch_size < 1 or self.pixel_unshuffle < 1:
+            return 0
+        return int(math.log2(self.patch_size // self.pixel_unshuffle))
 
     @property
     def channels(self) -> tuple[int, ...]:
@@ -327,7 +339,8 @@ class Mid(nnx.Module):
 class Encoder(nnx.Module):
     def __init__(self, cfg: VAEConfig, rngs: nnx.Rngs):
         ch = cfg.channels
-        self.conv_in = Conv2d(cfg, rngs, cfg.in_channels, cfg.base_ch)
+        self.pixel_unshuffle = cfg.pixel_unshuffle
+        self.conv_in = Conv2d(cfg, rngs, cfg.in_channels * cfg.pixel_unshuffle ** 2, cfg.base_ch)
         levels = []
         block_in = cfg.base_ch
         for i, block_out in enumerate(ch):
@@ -343,7 +356,10 @@ class Encoder(nnx.Module):
         self.conv_out = Conv2d(cfg, rngs, block_in, cfg.codebook_dim)
 
     def __call__(self, images_BHWC: jax.Array) -> jax.Array:
-        h = constrain(self.conv_in(images_BHWC.astype(F32)), IMAGE_AXES)
+        x = images_BHWC.astype(F32)
+        if self.pixel_unshuffle > 1:
+            x = pixel_unshuffle(x, self.pixel_unshuffle)
+        h = constrain(self.conv_in(x), IMAGE_AXES)
         for level in self.down:
             h = level(h)
         h = self.mid(h)
@@ -366,14 +382,18 @@ class Decoder(nnx.Module):
             levels[i] = Level(blocks, upsample=up)
         self.up = nnx.List(levels)
         self.norm_out = GroupNorm(cfg, block_in)
-        self.conv_out = Conv2d(cfg, rngs, block_in, cfg.out_channels)
+        self.pixel_unshuffle = cfg.pixel_unshuffle
+        self.conv_out = Conv2d(cfg, rngs, block_in, cfg.out_channels * cfg.pixel_unshuffle ** 2)
 
     def __call__(self, z_BhwD: jax.Array) -> jax.Array:
         h = constrain(self.conv_in(z_BhwD.astype(F32)), IMAGE_AXES)
         h = self.mid(h)
         for level in reversed(self.up):
             h = level(h)
-        return constrain(self.conv_out(swish(self.norm_out(h))), IMAGE_AXES)
+        out = self.conv_out(swish(self.norm_out(h)))
+        if self.pixel_unshuffle > 1:
+            out = pixel_shuffle(out, self.pixel_unshuffle)
+        return constrain(out, IMAGE_AXES)
 
 
 class BSQVAE(nnx.Module):

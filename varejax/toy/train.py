@@ -284,7 +284,8 @@ def train_vae(config, data: world.Dataset, log: Callable[[str], None], seed: int
 
     cfg = bsq_vae.VAEConfig(codebook_dim=config.codebook_dim, patch_size=config.patch_size,
                             ch_mult=tuple(config.ch_mult), base_ch=config.base_ch,
-                            num_res_blocks=config.num_res_blocks, matmul_precision="default")
+                            num_res_blocks=config.num_res_blocks, pixel_unshuffle=config.pixel_unshuffle,
+                            matmul_precision="default")
     state = bsq_vae.init_vae_params(cfg, seed=seed + 1)
     flat = _flat(state)
     tx = _adamw(config.learning_rate, config.warmup, config.steps, config.weight_decay)
