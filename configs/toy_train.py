@@ -58,6 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.vae.base_ch = 24 if smoke else 48   # 48: GroupNorm keeps 2 channels per group (24 groups)
     config.vae.ch_mult = (1, 1, 1, 1)
     config.vae.num_res_blocks = 1
+    config.vae.pixel_unshuffle = 1  # f > 1: 2x2 (f x f) pixels packed into channels, convolutions at 1/f resolution
     config.vae.steps = 2 if smoke else 600
     config.vae.batch_size = 4 if smoke else 8
     config.vae.learning_rate = 2e-3
