@@ -185,6 +185,31 @@ def test_smoke_training_writes_loadable_folders(tmp_path):
     assert (tmp_path / "train.log").is_file()
 
 
+def test_sharp_tokenizer_variant_trains_and_round_trips(tmp_path):
+    """configs/toy_train.py:sharp's tokenizer (2x2 pixel-unshuffle) trains at smoke size, is written and read
+    back with its pixel_unshuffle, and keeps the 8x8 latent grid of the shipped tokenizer."""
+    import ml_collections
+
+    from varejax.configlib import load_config
+    from varejax.models.bsq_vae import load_vae
+    from varejax.toy import train
+
+    sharp = load_config(str(ROOT / "configs" / "toy_train.py:sharp")).vae
+    assert sharp.pixel_unshuffle == 2 and load_config(str(ROOT / "configs" / "toy_train.py")).vae.pixel_unshuffle == 1
+    config = ml_collections.ConfigDict(sharp.to_dict())
+    config.base_ch, config.steps, config.batch_size, config.log_every = 24, 2, 4, 1
+    data = world.dataset(8, seed=5)
+    logged = []
+    cfg, params, record = train.train_vae(config, data, logged.append, seed=0)
+    assert cfg.pixel_unshuffle == 2 and cfg.num_downsamples == 2 and len(logged) == 2
+    train.write_vae(tmp_path / "vae", cfg, params, record, seed=0)
+    loaded_cfg, loaded = load_vae(str(tmp_path / "vae"))
+    assert loaded_cfg == cfg
+    raw = train.encode_raw(loaded_cfg, loaded, data.images, batch=8)
+    assert raw.shape == (8, 8, 8, 16)
+    np.testing.assert_array_equal(raw, train.encode_raw(cfg, params, data.images, batch=8))
+
+
 def test_decoder_refinement_trains_the_decoder_only():
     import ml_collections
 
