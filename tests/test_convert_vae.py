@@ -212,7 +212,7 @@ def test_truncated_empty_and_unsafe_files(tmp_path, capsys):
 def test_arch_resolution(tmp_path, capsys):
     assert load_vae_arch("d32") == get_vae_preset("2b") == VAEConfig()
     assert load_vae_arch("8b").arch_dict() == dict(codebook_dim=14, patch_size=8, ch_mult=(1, 2, 4, 4), base_ch=128,
-                                                   num_res_blocks=2, in_channels=3, out_channels=3)
+                                                   num_res_blocks=2, in_channels=3, out_channels=3, pixel_unshuffle=1)
     ours = tmp_path / "ours.json"
     cfg = get_vae_preset("tiny").replace(compute_dtype="bfloat16")
     ours.write_text(json.dumps({"format": "varejax-vae/1", "model": cfg.to_dict()}))
