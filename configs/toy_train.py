@@ -11,6 +11,8 @@ convolutions run at 32x32, 4.4x faster per step) trained 2,000 steps instead of 
 17.6 /255) and its circle prompts show circles 0.75 / 0.77 (seen / paraphrase; shipped 0.67 / 0.72), but
 its base model follows background prompts at about chance (0.28 / 0.42; shipped 0.58 / 0.67): the
 sharper bits carry the stripe/dot/check textures, which the transformer cannot yet draw coherently.
+(Measured in two stages, as the shipped world: the tokenizer stage with this config's values, then
+`--config.reuse_dir` for T5 + Infinity; the recorded config equals `:sharp`; not re-run end to end.)
 
 The shipped assets are what the default config (seed 0) produces with `--config.install=True`; they were
 made in stages (`--config.reuse_dir=RUN/models`, `--config.reuse_t2i=True`: each stage is seeded and
@@ -66,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.vae.base_ch = 24 if smoke else 48   # 48: GroupNorm keeps 2 channels per group (24 groups)
     config.vae.ch_mult = (1, 1, 1, 1)
     config.vae.num_res_blocks = 1
-    config.vae.pixel_unshuffle = 1  # f > 1: 2x2 (f x f) pixels packed into channels, convolutions at 1/f resolution
+    config.vae.pixel_unshuffle = 1  # f > 1: f x f pixels packed into channels, convolutions at 1/f resolution
     config.vae.steps = 2 if smoke else 600
     config.vae.batch_size = 4 if smoke else 8
     config.vae.learning_rate = 2e-3

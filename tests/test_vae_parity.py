@@ -203,7 +203,7 @@ def test_released_tokenizer_shapes(preset, image_hw, latent_hw):
 def test_pixel_unshuffle_packs_pixels_into_the_first_convolution():
     """pixel_unshuffle=f runs the convolutions at 1/f resolution, with the same latent grid; the packed
     encoder sees exactly the f x f block's pixels (torch pixel_unshuffle order) and the config round-trips."""
-    from varejax.models.patchify import pixel_unshuffle
+    from varejax.models.patchify import pixel_shuffle, pixel_unshuffle
 
     cfg = bsq_vae.VAEConfig(codebook_dim=8, patch_size=8, ch_mult=(1, 1, 1), base_ch=24, num_res_blocks=1,
                             pixel_unshuffle=2)
@@ -213,13 +213,16 @@ def test_pixel_unshuffle_packs_pixels_into_the_first_convolution():
     raw = bsq_vae.encode(params, x, cfg)
     assert raw.shape == (2, 4, 4, 8)
     assert bsq_vae.decode(params, raw, cfg).shape == (2, 32, 32, 3)
-    # The packed image through the same weights without packing (in_channels 12, patch 4) is the same encoder.
+    # The same weights without packing (12 channels in and out, patch 4) are the same network: packing only
+    # rearranges pixels, before the encoder and (inverse) after the decoder, so the results are bit-identical.
     plain = cfg.replace(pixel_unshuffle=1, patch_size=4, in_channels=12, out_channels=12)
-    raw_plain = bsq_vae.encode(params, pixel_unshuffle(x, 2), plain)
-    np.testing.assert_allclose(np.asarray(raw), np.asarray(raw_plain), rtol=0, atol=0)
+    np.testing.assert_array_equal(np.asarray(raw), np.asarray(bsq_vae.encode(params, pixel_unshuffle(x, 2), plain)))
+    np.testing.assert_array_equal(np.asarray(bsq_vae.decode(params, raw, cfg)),
+                                  np.asarray(pixel_shuffle(bsq_vae.decode(params, raw, plain), 2)))
     for bad in (3, 16):
         with pytest.raises(ValueError, match="pixel_unshuffle"):
             cfg.replace(pixel_unshuffle=bad)
+
 
 # ---- image files ---------------------------------------------------------------------------------------
 
