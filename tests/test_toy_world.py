@@ -14,10 +14,10 @@ from varejax.toy import world
 ROOT = Path(__file__).resolve().parents[1]
 
 # Bounds of the reduced main job (configs/toy_circle.py:ci); the full job meets them comfortably (README).
-ERASURE_BEFORE_MAX = 0.5       # the base model shows a circle for most circle prompts
+ERASURE_BEFORE_MAX = 0.4       # the base model shows a circle for most circle prompts (measured 0.28)
 ERASURE_GAIN_MIN = 0.1         # erasure rate on seen prompts rises by at least this much
 PRESERVATION_DROP_MAX = 0.1    # oracle accuracy on prompts without circles drops by at most this much
-PROMPT_FOLLOWING_MIN = 0.55    # the base model's accuracy on the attributes its prompts ask for
+PROMPT_FOLLOWING_MIN = 0.65    # the base model's accuracy on the attributes its prompts ask for (0.74)
 
 
 def _says(prompt: str, phrase: str) -> bool:
@@ -153,6 +153,23 @@ def test_shipped_models_follow_prompts():
     assert accuracy["colour"] >= 0.9 and accuracy["background"] >= 0.4 and accuracy["shape"] >= 0.2, accuracy
 
 
+def test_shipped_world_is_what_the_default_config_trains():
+    """world.json records the config its models were trained with: the default of configs/toy_train.py
+    (so `varejax toy train --config.install=True` reproduces the shipped assets)."""
+    from varejax.configlib import load_config
+    from varejax.toy.assets import toy_world_info
+    from varejax.toy.train import TOY_PATCHIFY, TOY_VAE_SCHEDULE
+
+    _assets_or_skip()
+    info = toy_world_info()
+    run_only = ("install", "quiet", "reuse_dir", "reuse_t2i")
+    recorded = {k: v for k, v in info["config"].items() if k not in run_only}
+    default = json.loads(load_config(str(ROOT / "configs" / "toy_train.py")).to_json())
+    assert recorded == {k: v for k, v in default.items() if k not in run_only}
+    assert info["spatial_patchify"] == TOY_PATCHIFY and info["vae_schedule"] == [list(s) for s in TOY_VAE_SCHEDULE]
+    assert not info["reused_stages"]  # trained end to end in one run
+
+
 # ---- the smoke training run ----------------------------------------------------------------------------
 
 def test_smoke_training_writes_loadable_folders(tmp_path):
@@ -173,7 +190,11 @@ def test_smoke_training_writes_loadable_folders(tmp_path):
     ids = classify(load_oracle(str(models / "oracle")), np.zeros((2, 64, 64, 3), np.uint8))
     assert set(ids) == set(world.ATTRIBUTE_NAMES)
     summary = json.loads((models / "world.json").read_text())
-    assert summary["schedule"][-1] == [1, 8, 8] and summary["prompt_following"] is None
+    assert summary["prompt_following"] is None
+    # tokens hold 2x2 latent patches: transformer scales up to 4x4 over the tokenizer's 8x8 grid
+    assert summary["spatial_patchify"] and summary["schedule"][-1] == [1, 4, 4]
+    assert summary["vae_schedule"] == [[1, 2, 2], [1, 4, 4], [1, 6, 6], [1, 8, 8]]
+    assert pipeline.infinity_cfg.apply_spatial_patchify and pipeline.infinity_cfg.bits_per_token == 64
     # every stage ran: the oracle was adapted to decoded images, the decoder refined
     from varejax.checkpoint import read_config
     from varejax.toy.oracle import read_oracle_config
@@ -185,18 +206,18 @@ def test_smoke_training_writes_loadable_folders(tmp_path):
     assert (tmp_path / "train.log").is_file()
 
 
-def test_sharp_tokenizer_variant_trains_and_round_trips(tmp_path):
-    """configs/toy_train.py:sharp's tokenizer (2x2 pixel-unshuffle) trains at smoke size, is written and read
-    back with its pixel_unshuffle, and keeps the 8x8 latent grid of the shipped tokenizer."""
+def test_toy_tokenizer_packs_pixels_and_round_trips(tmp_path):
+    """The toy tokenizer (2x2 pixel-unshuffle: convolutions at 32x32) trains at smoke size, is written and
+    read back with its pixel_unshuffle, and keeps the 8x8 latent grid of 16 bits."""
     import ml_collections
 
     from varejax.configlib import load_config
     from varejax.models.bsq_vae import load_vae
     from varejax.toy import train
 
-    sharp = load_config(str(ROOT / "configs" / "toy_train.py:sharp")).vae
-    assert sharp.pixel_unshuffle == 2 and load_config(str(ROOT / "configs" / "toy_train.py")).vae.pixel_unshuffle == 1
-    config = ml_collections.ConfigDict(sharp.to_dict())
+    vae = load_config(str(ROOT / "configs" / "toy_train.py")).vae
+    assert vae.pixel_unshuffle == 2
+    config = ml_collections.ConfigDict(vae.to_dict())
     config.base_ch, config.steps, config.batch_size, config.log_every = 24, 2, 4, 1
     data = world.dataset(8, seed=5)
     logged = []

@@ -306,8 +306,9 @@ def toy_config(concepts: Sequence[str], anchors: Sequence[str] = (), size: str =
 def main_job_config(size: str = "full"):
     """The main job (configs/toy_circle.py, and `varejax erase` without --config): erase "circle".
 
-    The anchor is "heart", not the world's default "square": the shipped base model draws hearts that the
-    oracle recognises (96% at cfg 4) but soft-cornered squares that it does not (0%), and the erasure rate
-    can only rise as far as the anchor's images leave the concept behind.
+    The anchor is "star", not the world's default "square": the erasure rate can only rise as far as the
+    anchor's images leave the concept behind, and the shipped base model's squares are soft-cornered
+    (the oracle reads 28 of 32 as circles at cfg 4, hearts 15 of 32) while its stars are read as circles
+    3 times in 32.
     """
-    return toy_config(("circle",), anchors=("heart",), size=size)
+    return toy_config(("circle",), anchors=("star",), size=size)

@@ -6,21 +6,22 @@ Stages (each timed; `run` writes model folders to WORKDIR/models and logs to WOR
 2. oracle: the attribute classifier (`oracle.py`), AdamW on the three cross entropies; its held-out
    accuracy is measured on fresh images and stored in its config.json.
 3. tokenizer: a small BSQ-VAE (`VAEConfig`) trained on reconstruction (L1 + L2) through the multi-scale
-   BSQ quantiser of TOY_SCHEDULE with straight-through gradients (`quantize_st`), plus a small
+   BSQ quantiser of TOY_VAE_SCHEDULE with straight-through gradients (`quantize_st`), plus a small
    commitment term; the oracle's accuracy on decoded reconstructions (encode -> `multiscale_quantize`
    -> decode, the sampler's path) is measured.
 4. text-to-image: the T5 encoder (own WordLevel tokenizer.json over the world's vocabulary) and the
    Infinity transformer trained jointly with the bitwise loss (`bit_loss.loss_fn`, reweighted by scale)
    on (prompt, image) pairs: the frozen tokenizer's raw features (computed once) ->
-   `bitwise.transformer_inputs` with bitwise self-correction -> teacher-forced loss; gradients reach the
-   T5 too. A fresh prompt (random family, random subset of the attributes said) is drawn for each
-   image every time it is used. Condition dropout (cond_drop_rate) makes classifier-free guidance work.
+   `bitwise.transformer_inputs` with bitwise self-correction and 2x2 spatial patchify (TOY_SCHEDULE) ->
+   teacher-forced loss; gradients reach the T5 too. A fresh prompt (random family, random subset of the
+   attributes said) is drawn for each image every time it is used. Condition dropout (cond_drop_rate)
+   makes classifier-free guidance work.
 5. evaluation: the written folders are loaded with `Pipeline.from_dirs` and sampled with CFG; the oracle
    reads the attributes of the images (prompt following per family and attribute, and how often
    "circle" prompts give circles).
 
 The folders are those `varejax convert` writes (formats varejax-infinity/1, varejax-vae/1, varejax-t5/1
-with tokenizer.json), plus the oracle (varejax-toy-oracle/1) and `world.json` (world version, schedule,
+with tokenizer.json), plus the oracle (varejax-toy-oracle/1) and `world.json` (world version, schedules,
 accuracies, timings, config). `--config.install=True` copies them into varejax/toy/assets/.
 """
 
@@ -43,7 +44,13 @@ import optax
 
 from varejax.toy import oracle, world
 
-TOY_SCHEDULE = ((1, 1, 1), (1, 2, 2), (1, 4, 4), (1, 6, 6), (1, 8, 8))
+# Transformer scales. Each token holds a 2x2 patch of latents (Infinity 8B's spatial patchify, 4 x 16 = 64
+# bits), so the tokenizer's scales are twice as large (TOY_VAE_SCHEDULE: 2, 4, 6, 8): a training sequence
+# has 30 tokens instead of the 121 of scales (1, 2, 4, 6, 8) on the same 8x8 latent grid, and a training
+# step costs a quarter as much (measured 0.24 s vs 0.96 s at batch 32 on 2 CPU cores).
+TOY_SCHEDULE = ((1, 1, 1), (1, 2, 2), (1, 3, 3), (1, 4, 4))
+TOY_PATCHIFY = True
+TOY_VAE_SCHEDULE = tuple((1, 2 * h, 2 * w) for _, h, w in TOY_SCHEDULE)
 TOY_MIN_VOCAB = 32         # the toy tokenizer has ~100 entries (T5Tokenizer refuses < min_vocab)
 TEXT_LENGTH = 32           # training pads prompts to this many tokens (every world prompt fits)
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
@@ -290,7 +297,7 @@ def train_vae(config, data: world.Dataset, log: Callable[[str], None], seed: int
     flat = _flat(state)
     tx = _adamw(config.learning_rate, config.warmup, config.steps, config.weight_decay)
     opt_state = tx.init(flat)
-    schedule = TOY_SCHEDULE
+    schedule = TOY_VAE_SCHEDULE
 
     def loss_fn(flat, images):
         model = bsq_vae.bind_vae(bsq_vae.vae_state_from_flat(cfg, flat), cfg)
@@ -339,8 +346,8 @@ def summed_codes(raw_NhwD: np.ndarray, batch: int = 128) -> np.ndarray:
     """The decoder's inputs on the sampler's path: raw features -> multi-scale bits -> summed codes."""
     from varejax.models import bitwise
 
-    return map_batches(lambda raw: bitwise.decode_bits_jit(bitwise.multiscale_quantize_jit(raw, TOY_SCHEDULE).bits,
-                                                           TOY_SCHEDULE), raw_NhwD, batch)
+    return map_batches(lambda raw: bitwise.decode_bits_jit(
+        bitwise.multiscale_quantize_jit(raw, TOY_VAE_SCHEDULE).bits, TOY_VAE_SCHEDULE), raw_NhwD, batch)
 
 
 def refine_decoder(config, vae_cfg, vae_params, codes: np.ndarray, images_u8: np.ndarray,
@@ -443,9 +450,9 @@ def train_text_to_image(config, raw: np.ndarray, labels: dict[str, np.ndarray], 
     c = config.infinity
     inf_cfg = InfinityConfig(depth=c.depth, embed_dim=c.embed_dim, num_heads=c.num_heads, mlp_ratio=c.mlp_ratio,
                              text_channels=t5_cfg.d_model, text_maxlen=c.text_maxlen, codebook_dim=raw.shape[-1],
-                             block_chunks=c.block_chunks, pad_to_multiplier=c.pad_to_multiplier,
-                             cond_drop_rate=c.cond_drop_rate, drop_path_rate=c.drop_path_rate,
-                             matmul_precision="default")
+                             apply_spatial_patchify=TOY_PATCHIFY, block_chunks=c.block_chunks,
+                             pad_to_multiplier=c.pad_to_multiplier, cond_drop_rate=c.cond_drop_rate,
+                             drop_path_rate=c.drop_path_rate, matmul_precision="default")
     if start_from is None:
         flat = {"t5": _flat(t5.init_params(t5_cfg, seed=seed + 2)),
                 "infinity": _flat(apply.init_params(inf_cfg, seed=seed + 3))}
@@ -461,7 +468,8 @@ def train_text_to_image(config, raw: np.ndarray, labels: dict[str, np.ndarray], 
         inf_params = apply.state_from_flat(inf_cfg, flat["infinity"])
         k_noise, k_model = jax.random.split(key)
         gt, x = bitwise.transformer_inputs(raw_batch, schedule, noise_apply_layers=noise_layers,
-                                           noise_apply_strength=config.noise_strength, rng=k_noise)
+                                           noise_apply_strength=config.noise_strength, rng=k_noise,
+                                           apply_spatial_patchify=TOY_PATCHIFY)
         text = t5.forward(t5_params, ids, mask, t5_cfg) * mask[..., None].astype(jnp.float32)
         return bit_loss.loss_fn(inf_params, text, mask, x, gt, schedule, cfg=inf_cfg, reweight_by_scale=True,
                                 rng=k_model)
@@ -775,7 +783,8 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
 
     summary = {
         "world_version": world.WORLD_VERSION, "image_size": world.IMAGE_SIZE,
-        "schedule": [list(s) for s in TOY_SCHEDULE], "seed": seed, "min_vocab": TOY_MIN_VOCAB,
+        "schedule": [list(s) for s in TOY_SCHEDULE], "spatial_patchify": TOY_PATCHIFY,
+        "vae_schedule": [list(s) for s in TOY_VAE_SCHEDULE], "seed": seed, "min_vocab": TOY_MIN_VOCAB,
         "oracle_accuracy": oracle_acc, "oracle_accuracy_on_reconstructions": adapted_recon_acc,
         "tokenizer": {"oracle_on_reconstructions": recon_acc, "reconstruction_mae_uint8": recon_mae},
         "prompt_following": evaluation, "seconds": {k: round(v, 1) for k, v in times.items()},
