@@ -7,7 +7,7 @@
 The shipped assets are what this config (seed 0) produces with `--config.install=True`; world.json records
 the config and every stage's time. Two choices make the training fit on a CPU (README, "The toy world"):
 the tokenizer packs 2x2 pixels into channels (`vae.pixel_unshuffle=2`: its convolutions run at 32x32), and
-the transformer's tokens hold 2x2 latent patches (`train.TOY_PATCHIFY`, Infinity 8B's spatial patchify:
+the transformer's tokens hold 2x2 latent patches (`spec.TOY_PATCHIFY`, Infinity 8B's spatial patchify:
 30 tokens per image instead of 121), so the text-to-image stage gets four times the samples per second.
 """
 

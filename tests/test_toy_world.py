@@ -91,7 +91,8 @@ def test_families_are_disjoint_and_pairs_match():
 
 def test_tokenizer_covers_every_prompt():
     from varejax.models.t5_tokenizer import T5Tokenizer
-    from varejax.toy.train import TEXT_LENGTH, TOY_MIN_VOCAB, build_tokenizer
+    from varejax.toy.spec import TEXT_LENGTH, TOY_MIN_VOCAB
+    from varejax.toy.train import build_tokenizer
 
     tok = T5Tokenizer(build_tokenizer(), min_vocab=TOY_MIN_VOCAB)
     assert (tok.pad_id, tok.eos_id, tok.appends_eos) == (0, 1, True)
@@ -158,7 +159,7 @@ def test_shipped_world_is_what_the_default_config_trains():
     (so `varejax toy train --config.install=True` reproduces the shipped assets)."""
     from varejax.configlib import load_config
     from varejax.toy.assets import toy_world_info
-    from varejax.toy.train import TOY_PATCHIFY, TOY_VAE_SCHEDULE
+    from varejax.toy.spec import TOY_PATCHIFY, TOY_VAE_SCHEDULE
 
     _assets_or_skip()
     info = toy_world_info()
@@ -176,7 +177,7 @@ def test_smoke_training_writes_loadable_folders(tmp_path):
     from varejax.cli import main
     from varejax.sample.pipeline import Pipeline
     from varejax.toy.oracle import classify, load_oracle
-    from varejax.toy.train import TOY_MIN_VOCAB
+    from varejax.toy.spec import TOY_MIN_VOCAB
 
     code = main(["toy", "train", "--workdir", str(tmp_path), "--config", str(ROOT / "configs" / "toy_train.py:smoke"),
                  "--config.quiet=True", "--config.eval.n=0"])

@@ -139,20 +139,20 @@ def _read_uint8(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def run_sampling(config: Any, workdir: str | os.PathLike, pipeline: Pipeline | None = None) -> list[dict]:
-    """The `varejax sample` stage: images, records and a grid in `workdir`; returns the records."""
+def run_sampling(config: Any, workdir: str | os.PathLike, pipeline: Pipeline | None = None,
+                 schedule: Sequence[tuple[int, int, int]] | None = None) -> list[dict]:
+    """The `varejax sample` stage: images, records and a grid in `workdir`; returns the records.
+
+    Without `pipeline`, the models are the folders of `config.model`; a given pipeline may bring its own
+    `schedule` (the embedded toy world's, resolved by the command), otherwise `config.h_div_w` and `pn` pick it.
+    """
     from tqdm import tqdm
 
     workdir = Path(workdir)
     out_dir = workdir / "images"
     out_dir.mkdir(parents=True, exist_ok=True)
-    schedule = schedules.get_schedule(config.h_div_w, config.pn)
-    if pipeline is None and not any(config.model[k] for k in ("infinity", "vae", "t5")):
-        # No model given: the embedded toy world (shipped in the package, its own schedule).
-        from varejax.toy.assets import TOY_SCHEDULE, load_toy_pipeline
-        pipeline = load_toy_pipeline(text_cache_dir=config.text_cache_dir or str(workdir / "text_cache"),
-                                     **dict(config.numerics))
-        schedule = TOY_SCHEDULE
+    if schedule is None:
+        schedule = schedules.get_schedule(config.h_div_w, config.pn)
     if pipeline is None:
         missing = [k for k in ("infinity", "vae", "t5") if not config.model[k]]
         if missing:

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from varejax.toy.train import TOY_MIN_VOCAB, TOY_SCHEDULE, WORLD_FILE
+from varejax.toy.spec import TOY_MIN_VOCAB, TOY_SCHEDULE, WORLD_FILE
 
 __all__ = ["TOY_MIN_VOCAB", "TOY_SCHEDULE", "asset_dir", "load_toy_oracle", "load_toy_pipeline", "toy_world_info"]
 
