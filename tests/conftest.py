@@ -6,8 +6,11 @@ import os
 
 # Sharding tests need several devices; on CPU XLA fakes them. Must happen before `import jax`.
 # Tests compile many small programs: LLVM -O0 halves XLA:CPU compile time and keeps IEEE semantics
-# (no fast-math either way), so parity numbers are unaffected.
-for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"):
+# (no fast-math either way). That this leaves the parity numbers unchanged is checked, not assumed:
+# .ci/run runs the parity tests a second time with VAREJAX_XLA_O0=0 (XLA's default optimisation level).
+XLA_O0 = os.environ.get("VAREJAX_XLA_O0", "1") != "0"
+_FLAGS = ("--xla_force_host_platform_device_count=8",) + (("--xla_backend_optimization_level=0",) if XLA_O0 else ())
+for _flag in _FLAGS:
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -22,6 +25,43 @@ jax.config.update("jax_compilation_cache_dir",
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
 
 from tests import fixtures  # noqa: E402
+
+
+def _xla_line() -> str:
+    return f"XLA backend optimisation: {'-O0 (VAREJAX_XLA_O0=0 for the default)' if XLA_O0 else 'default'}"
+
+
+def pytest_report_header(config):
+    return [fixtures.summary()[0], _xla_line()]
+
+
+def pytest_runtest_setup(item):
+    """A test marked `missing_fixture` (tests/fixtures.py) fails here with the mark's message."""
+    mark = item.get_closest_marker("missing_fixture")
+    if mark is not None:
+        pytest.fail(mark.kwargs["reason"], pytrace=False)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fails the run when a fixture kind the suite needs is absent or unreadable, whichever tests ran
+    (unless VAREJAX_ALLOW_MISSING_FIXTURES=1)."""
+    _, problems = fixtures.summary()
+    if problems and not fixtures.missing_allowed() and exitstatus in (pytest.ExitCode.OK,
+                                                                       pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """How many fixture folders of each kind the run used, and why it fails if some are missing."""
+    line, problems = fixtures.summary()
+    terminalreporter.write_sep("-", "golden fixtures")
+    terminalreporter.write_line(line)
+    terminalreporter.write_line(_xla_line())
+    for problem in problems:
+        if fixtures.missing_allowed():
+            terminalreporter.write_line(f"allowed by {fixtures.ALLOW_MISSING}=1: {problem}", yellow=True)
+        else:
+            terminalreporter.write_line(f"FAIL: {problem}", red=True, bold=True)
 
 
 @pytest.fixture(scope="session")
@@ -60,10 +100,7 @@ def tiny_model_dirs(tmp_path_factory, converted_infinity, converted_vae):
     tokenizer, and a random tiny T5 of the matching width with a small word tokenizer (min_vocab 100)."""
     from tests import t5_helpers
 
-    folders = fixtures.infinity_folders()
-    if not folders:
-        pytest.skip(f"no Infinity fixture folder under {fixtures.root()}")
-    folder = folders[0]
+    folder = fixtures.first_infinity_folder()
     width = fixtures.config(folder)["transformer_config"]["Ct5"]
     t5_src = tmp_path_factory.mktemp("t5_src")
     t5_helpers.make_encoder(seed=0, d_model=width, d_kv=width // 4).save_pretrained(t5_src)

@@ -16,14 +16,11 @@ from tests import fixtures
 
 
 def folders_with(npz_name: str) -> list[Path]:
-    base = fixtures.root()
-    if not base.is_dir():
-        return []
-    return sorted(p.parent for p in base.glob(f"*/{npz_name}") if (p.parent / "config.json").is_file())
+    return fixtures.svare_folders(npz_name)
 
 
 def params_with(npz_name: str):
-    return fixtures.params_for_folders(folders_with(npz_name))
+    return fixtures.params_for_folders(folders_with(npz_name), f"S-VARE fixture folder with {npz_name}")
 
 
 def model_folder(folder: Path) -> Path:

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from varejax.models import bitwise, patchify
 
-torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 

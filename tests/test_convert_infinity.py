@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests import fixtures
 from varejax.cli import main
@@ -19,11 +20,10 @@ from varejax.convert.infinity_keys import expected_shapes
 from varejax.convert.sources import CheckpointError
 from varejax.models.config import get_preset, load_arch
 
-torch = pytest.importorskip("torch")
 SHAPE_ONLY = fixtures.root() / "shape_only"
 TINY = fixtures.root() / "infinity_tiny"
-needs_tiny = pytest.mark.skipif(not (TINY / "config.json").exists(), reason="infinity_tiny fixture not found")
-needs_shape_only = pytest.mark.skipif(not SHAPE_ONLY.is_dir(), reason="shape_only fixtures not found")
+needs_tiny = fixtures.requires("infinity_tiny/config.json")
+needs_shape_only = fixtures.requires("shape_only")
 
 
 def _tiny_state_dict() -> collections.OrderedDict:
@@ -65,9 +65,7 @@ def test_wrong_arch_names_the_right_one(capsys, tmp_path):
 def test_expected_tables_equal_upstream_shape_tables():
     for preset, name in (("infinity_2b", "infinity_2b_state_dict_shapes.json"),
                          ("infinity_8b", "infinity_8b_state_dict_shapes.json")):
-        path = fixtures.root() / name
-        if not path.exists():
-            pytest.skip(f"{path} not found")
+        path = fixtures.require(fixtures.root() / name)
         upstream = {k: tuple(v) for k, v in json.loads(path.read_text()).items()}
         assert expected_shapes(get_preset(preset)) == upstream
 
@@ -225,8 +223,7 @@ def test_model_folder_checks(tmp_path):
 
     with pytest.raises(ModelDirError, match="no config.json"):
         load_infinity(str(tmp_path))
-    if not (TINY / "config.json").exists():
-        return
+    fixtures.require(TINY / "config.json")
     convert_infinity(str(fixtures.checkpoint_file(TINY, "transformer")), str(TINY / "config.json"),
                      str(tmp_path / "m"), progress=False)
     with pytest.raises(ModelDirError, match="architecture fields"):

@@ -7,15 +7,13 @@ import shutil
 
 import numpy as np
 import pytest
+import transformers  # noqa: F401  (imported, not importorskip: requirements-dev.txt has it)
 
 from tests import t5_helpers as h
 from varejax.cli import main
 from varejax.convert.t5 import FORMAT, load_t5
 from varejax.convert.t5_keys import expected_shapes
 from varejax.models import t5
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
 
 
 def _run(args, capsys):

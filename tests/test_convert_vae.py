@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from tests import fixtures
 from varejax.cli import main
@@ -16,11 +17,10 @@ from varejax.convert.vae_keys import MASK_KEYS, expected_shapes
 from varejax.models import bsq_vae
 from varejax.models.bsq_vae import VAEConfig, get_vae_preset, load_vae_arch
 
-torch = pytest.importorskip("torch")
 SHAPE_ONLY = fixtures.root() / "shape_only"
 TINY = fixtures.root() / "infinity_tiny"
-needs_tiny = pytest.mark.skipif(not (TINY / "vae.npz").exists(), reason="infinity_tiny fixture not found")
-needs_shape_only = pytest.mark.skipif(not SHAPE_ONLY.is_dir(), reason="shape_only fixtures not found")
+needs_tiny = fixtures.requires("infinity_tiny/vae.npz")
+needs_shape_only = fixtures.requires("shape_only")
 
 
 def _tiny_vae_state_dict() -> collections.OrderedDict:
@@ -71,9 +71,7 @@ def test_wrong_arch_names_the_right_one(capsys, tmp_path):
 def test_expected_tables_equal_upstream_shape_tables():
     for preset, name in (("d32", "vae_d32_state_dict_shapes.json"),
                          ("d14", "vae_d14_patchify_8b_state_dict_shapes.json")):
-        path = fixtures.root() / name
-        if not path.exists():
-            pytest.skip(f"{path} not found")
+        path = fixtures.require(fixtures.root() / name)
         upstream = {k: tuple(v) for k, v in json.loads(path.read_text()).items()}
         assert expected_shapes(get_vae_preset(preset)) == upstream
 

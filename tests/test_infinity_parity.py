@@ -88,8 +88,7 @@ def test_fp32_logits_activations_and_losses(folder, converted_infinity):
 @pytest.mark.parametrize("folder", FOLDERS)
 def test_real_schedule_forward(folder, converted_infinity):
     train = np.load(folder / "transformer_train.npz")
-    if "real__fp32__logits_BLV" not in train:
-        pytest.skip("fixture has no real-schedule forward")
+    assert "real__fp32__logits_BLV" in train, f"{folder}: transformer_train.npz has no real-schedule forward"
     model_cfg, params = load_infinity(converted_infinity(folder))
     _, sched, template, x, bits = _inputs(folder, "real__")
     assert model_cfg.pad_to_multiplier > 1  # the padded path is the one under test
@@ -106,8 +105,7 @@ def test_real_schedule_forward(folder, converted_infinity):
 @pytest.mark.parametrize("folder", FOLDERS)
 def test_bf16_cross_attention_emulation(folder, prefix, converted_infinity):
     train = np.load(folder / "transformer_train.npz")
-    if f"{prefix}cabf16__logits_BLV" not in train:
-        pytest.skip("no cabf16 logits for this schedule")
+    assert f"{prefix}cabf16__logits_BLV" in train, f"{folder}: no {prefix}cabf16__logits_BLV in transformer_train.npz"
     model_cfg, params = load_infinity(converted_infinity(folder))
     _, sched, template, x, _ = _inputs(folder, prefix)
     ours = _logits(model_cfg, params, train, x, sched, template, "cabf16")

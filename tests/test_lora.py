@@ -177,10 +177,7 @@ def test_merged_deltas_export_and_apply(tmp_path):
 
 
 def test_load_converted_model_with_adapters(converted_infinity, tmp_path):
-    folders = fixtures.infinity_folders()
-    if not folders:
-        pytest.skip(f"no Infinity fixture folder under {fixtures.root()}")
-    model_dir = converted_infinity(folders[0])
+    model_dir = converted_infinity(fixtures.first_infinity_folder())
     cfg, plain = load_infinity(model_dir)
     lcfg, adapted = load_infinity(model_dir, lora_rank=4, lora_targets=("mat_qkv", "ffn.fc2"), lora_seed=3)
     assert cfg.lora_rank == 0 and lcfg == cfg.replace(lora_rank=4, lora_targets=("mat_qkv", "ffn.fc2"), lora_seed=3)
@@ -258,7 +255,7 @@ def _ties_ok(got_bf16, want_f32, what, near_tie_only=True):
 
 
 def test_bf16_adamw_is_fp32_math_rounded_and_matches_torch_fused():
-    torch = pytest.importorskip("torch")
+    import torch
     rng = np.random.default_rng(0)
     shapes = {("blocks", "0", "ffn", "fc1", "kernel"): (64, 256), ("blocks", "0", "ffn", "fc1", "bias"): (256,)}
     p0 = {k: _bf16(rng.standard_normal(s) * 0.05) for k, s in shapes.items()}

@@ -36,9 +36,7 @@ def _fwd(params, text, mask, x, cfg=CFG, **kw):
 def test_upstream_parameter_counts():
     for preset, table in (("infinity_2b", "infinity_2b_state_dict_shapes.json"),
                           ("infinity_8b", "infinity_8b_state_dict_shapes.json")):
-        path = fixtures.root() / table
-        if not path.exists():
-            pytest.skip(f"{path} not found")
+        path = fixtures.require(fixtures.root() / table)
         shapes = json.loads(path.read_text())
         upstream = sum(int(np.prod(s)) for k, s in shapes.items() if not k.endswith("zero_k_bias"))
         cfg = get_preset(preset)
@@ -156,7 +154,7 @@ def test_shape_errors_are_explained(setup):
 
 
 def test_pixel_shuffle_matches_torch_channel_order():
-    torch = pytest.importorskip("torch")
+    import torch
     x = np.random.RandomState(0).randn(2, 3, 4, 12).astype(np.float32)  # [B, h, w, 4d], d = 3
     ours = np.asarray(patchify.pixel_shuffle(jnp.asarray(x)))
     ref = torch.nn.functional.pixel_shuffle(torch.from_numpy(x).permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1).numpy()

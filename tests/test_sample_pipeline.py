@@ -15,8 +15,7 @@ from varejax.sample.pipeline import Pipeline, image_grid, plan_images
 from varejax.sample.sampler import SamplingConfig, sample_bits
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "sample.py")
-FOLDERS = fixtures.infinity_folders()
-pytestmark = pytest.mark.skipif(not FOLDERS, reason="no Infinity fixture folder")
+pytestmark = fixtures.missing_mark("no Infinity fixture folder") if not fixtures.infinity_folders() else []
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,7 @@ def _run(folder, converted_infinity, prefix):
     infer = np.load(folder / "transformer_infer.npz")
     config = fixtures.config(folder)
     key, sched_key = ("infer_real", "real_schedule") if prefix else ("infer", "scale_schedule")
-    if f"{prefix}fp32__bits_s0" not in infer or key not in config:
-        pytest.skip(f"fixture has no {prefix or 'main'} generation")
+    assert f"{prefix}fp32__bits_s0" in infer and key in config, f"{folder}: no {prefix or 'main'} generation"
     cfg, params = load_infinity(converted_infinity(folder))
     schedule = fixtures.schedule(config, sched_key)
     sampling = SamplingConfig(cfg=tuple(config[key]["cfg_list"]), tau=tuple(config[key]["tau_list"]), top_k=1)
@@ -45,6 +44,8 @@ def test_greedy_generation_matches_upstream(folder, prefix, converted_infinity, 
         err = np.abs(np.asarray(out.cfg_logits[s]) - infer[f"{prefix}fp32__cfg_logits_s{s}"]).max()
         worst_logits = max(worst_logits, float(err))
         assert err <= 1e-4, (s, err)
+        # upstream stores the head logits (and the uint8 image, below) of the main generation only
+        assert prefix or f"fp32__head_logits_2B_s{s}" in infer, f"{folder}: no fp32__head_logits_2B_s{s}"
         if f"{prefix}fp32__head_logits_2B_s{s}" in infer:
             err = np.abs(np.asarray(out.head_logits[s]) - infer[f"{prefix}fp32__head_logits_2B_s{s}"]).max()
             assert err <= 1e-4, (s, err)
@@ -53,13 +54,13 @@ def test_greedy_generation_matches_upstream(folder, prefix, converted_infinity, 
     print(f"{folder.name} {prefix or 'main '}: cfg logits {worst_logits:.3g}, summed codes {err_summed:.3g}")
     assert err_summed <= 1e-3
 
-    if not (folder / "vae.npz").exists():
-        return
+    assert (folder / "vae.npz").exists(), f"{folder}: an Infinity fixture holds its tokenizer (vae.npz)"
     vae_cfg, vae_params = load_vae(converted_vae(folder))
     image = np.asarray(decode_jit(vae_params, out.summed_codes, vae_cfg))
     ref_image = infer[f"{prefix}fp32__decoded_img"].transpose(0, 2, 3, 1)
     err_image = np.abs(image - ref_image).max()
     print(f"  decoded image {err_image:.3g}")
     assert err_image <= 1e-3
+    assert prefix or "fp32__img_uint8_bgr" in infer, f"{folder}: no fp32__img_uint8_bgr"
     if f"{prefix}fp32__img_uint8_bgr" in infer:  # upstream writes BGR; ours is RGB
         assert np.abs(to_uint8(image).astype(int) - infer[f"{prefix}fp32__img_uint8_bgr"][..., ::-1]).max() <= 1

@@ -72,8 +72,7 @@ def test_losses_match_official(folder):
 def test_edge_cases_of_case2(folder):
     data, _ = _cases(folder)
     notes = svare_fixtures.fixtures.config(folder)["losses"].get("case2", {}).get("notes", {})
-    if "tie_token" not in notes:
-        pytest.skip("no case2 edge cases in this fixture")
+    assert "tie_token" in notes, f"{folder}: losses.case2.notes has no tie_token edge case"
     z, bits, teacher = (data[f"case2__{k}"] for k in ("student_logits", "gt_bits", "teacher_logits"))
     _, aux = _fce_jit(z, bits)
     b, tok, _ = notes["tie_token"]

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+import transformers  # noqa: F401  (imported, not importorskip: requirements-dev.txt has it)
 
 from tests import t5_helpers as h
 from varejax.models import apply, t5
 from varejax.models.t5 import T5Config
 from varejax.models.t5_tokenizer import T5Tokenizer, TokenizerError
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
 
 FLAN_T5_XL_HF = {  # google/flan-t5-xl config.json (the fields that matter)
     "architectures": ["T5ForConditionalGeneration"], "d_ff": 5120, "d_kv": 64, "d_model": 2048,
