@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from tests import fixtures
+from varejax.checkpoint import load_infinity
 from varejax.cli import main
-from varejax.convert.infinity import convert_infinity, load_infinity
+from varejax.convert.infinity import convert_infinity
 from varejax.convert.infinity_keys import expected_shapes
 from varejax.convert.sources import CheckpointError
 from varejax.models.config import get_preset, load_arch

@@ -10,8 +10,8 @@ import pytest
 import transformers  # noqa: F401  (imported, not importorskip: requirements-dev.txt has it)
 
 from tests import t5_helpers as h
+from varejax.checkpoint import FORMATS, load_t5
 from varejax.cli import main
-from varejax.convert.t5 import FORMAT, load_t5
 from varejax.convert.t5_keys import expected_shapes
 from varejax.models import t5
 
@@ -69,7 +69,8 @@ def test_sharded_bin_folder_with_tied_copy(encoder, tmp_path, capsys):
     assert code == 0, err
     assert "(sharded)" in out and "embed_tokens.weight checked equal to shared.weight" in out
     meta = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert meta["format"] == FORMAT and meta["model"]["num_layers"] == 2 and meta["tokenizer"] == "tokenizer.json"
+    assert meta["format"] == FORMATS["t5"] and meta["model"]["num_layers"] == 2
+    assert meta["tokenizer"] == "tokenizer.json"
     assert set(meta["source"]["sha256"]) == {"pytorch_model.bin.index.json", "config.json", "tokenizer.json",
                                              *(f"pytorch_model-0000{i}-of-00003.bin" for i in (1, 2, 3))}
     assert (tmp_path / "m" / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()

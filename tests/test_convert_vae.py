@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from tests import fixtures
+from varejax.checkpoint import load_vae
 from varejax.cli import main
 from varejax.convert.vae import convert_vae
 from varejax.convert.vae_keys import MASK_KEYS, expected_shapes
-from varejax.models import bsq_vae
 from varejax.models.bsq_vae import VAEConfig, get_vae_preset, load_vae_arch
 
 SHAPE_ONLY = fixtures.root() / "shape_only"
@@ -103,8 +103,8 @@ def test_both_naming_schemes_give_the_same_parameters(tmp_path, capsys):
     report = convert_vae(str(tmp_path / "plain.pth"), arch, str(tmp_path / "plain"), progress=False)
     assert report.tensors == len(sd)
 
-    cfg_a, a = bsq_vae.load_vae(str(tmp_path / "module"))
-    cfg_b, b = bsq_vae.load_vae(str(tmp_path / "plain"))
+    cfg_a, a = load_vae(str(tmp_path / "module"))
+    cfg_b, b = load_vae(str(tmp_path / "plain"))
     assert cfg_a == cfg_b
     from varejax.models.apply import flat_params
     flat_a, flat_b = flat_params(a), flat_params(b)
@@ -124,7 +124,7 @@ def test_both_naming_schemes_give_the_same_parameters(tmp_path, capsys):
     # Architecture fields of a converted folder cannot be changed at load time.
     from varejax.checkpoint import ModelDirError
     with pytest.raises(ModelDirError, match="architecture fields"):
-        bsq_vae.load_vae(str(tmp_path / "module"), codebook_dim=16)
+        load_vae(str(tmp_path / "module"), codebook_dim=16)
 
 
 def _save(sd, path, wrapper="vae"):
@@ -182,7 +182,7 @@ def test_mask_values_layouts_and_optional_masks(tmp_path):
     for key in MASK_KEYS:
         sd.pop(key)
     report = convert_vae(_save(sd, tmp_path / "plain_sd.pth", wrapper=None), arch, None, dry_run=True)
-    assert report.layout == "state_dict" and report.buffers_dropped == 0 and report.tensors == len(sd)
+    assert report.layout == "state_dict" and report.dropped == 0 and report.tensors == len(sd)
 
 
 class UnsafePayload:

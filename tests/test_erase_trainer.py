@@ -84,7 +84,7 @@ def test_only_trainable_parameters_change_and_exports(finished_run):
         else:
             np.testing.assert_array_equal(before[path], after[path], err_msg=str(path))
     # The erased model folder and the upstream-layout deltas reproduce the final parameters.
-    from varejax.convert.infinity import load_infinity
+    from varejax.checkpoint import load_infinity
     _, exported = load_infinity(str(result.workdir / "model"))
     for path, value in flat_params(exported).items():
         np.testing.assert_array_equal(np.asarray(value), after[path])

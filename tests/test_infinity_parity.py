@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests import fixtures
-from varejax.convert.infinity import load_infinity
+from varejax.checkpoint import load_infinity
 from varejax.models import apply, bit_loss, rope
 
 pytestmark = pytest.mark.parity

@@ -17,7 +17,7 @@ import pytest
 
 from tests import fixtures
 from tests.test_svare_step import SCHED, _random_batch
-from varejax.convert.infinity import load_infinity
+from varejax.checkpoint import load_infinity
 from varejax.convert.infinity_keys import expected_shapes, upstream_key
 from varejax.erase import optim, step
 from varejax.erase.export import apply_delta, delta_tensors, write_delta, write_erased_model

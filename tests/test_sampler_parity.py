@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from tests import fixtures
-from varejax.convert.infinity import load_infinity
+from varejax.checkpoint import load_infinity, load_vae
 from varejax.images import to_uint8
-from varejax.models.bsq_vae import decode_jit, load_vae
+from varejax.models.bsq_vae import decode_jit
 from varejax.sample.sampler import SamplingConfig, generate_jit
 
 pytestmark = pytest.mark.parity

@@ -38,7 +38,7 @@ import optax
 import pytest
 
 from tests import fixtures, svare_fixtures
-from varejax.convert.infinity import load_infinity
+from varejax.checkpoint import load_infinity
 from varejax.convert.infinity_keys import upstream_key
 from varejax.erase import losses, optim, step
 from varejax.models import apply

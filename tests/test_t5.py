@@ -81,7 +81,7 @@ def converted(tmp_path_factory):
 @pytest.mark.parity
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_encoder_matches_hf_torch(variant, converted):
-    from varejax.convert.t5 import load_t5
+    from varejax.checkpoint import load_t5
 
     model, folder = converted[variant]
     cfg, params = load_t5(str(folder))
@@ -97,7 +97,7 @@ def test_encoder_matches_hf_torch(variant, converted):
 def test_sharded_encode_equals_single_device(converted):
     import jax
 
-    from varejax.convert.t5 import load_t5
+    from varejax.checkpoint import load_t5
     from varejax.parallel import make_mesh, sharding_context
 
     _, folder = converted["gated_gelu"]

@@ -213,7 +213,7 @@ def test_toy_tokenizer_packs_pixels_and_round_trips(tmp_path):
     import ml_collections
 
     from varejax.configlib import load_config
-    from varejax.models.bsq_vae import load_vae
+    from varejax.checkpoint import load_vae
     from varejax.toy import train
 
     vae = load_config(str(ROOT / "configs" / "toy_train.py")).vae

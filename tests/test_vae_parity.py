@@ -13,6 +13,7 @@ import pytest
 
 from tests import fixtures
 from varejax import images
+from varejax.checkpoint import load_vae
 from varejax.models import bitwise, bsq_vae
 from varejax.parallel import DEFAULT_RULES, batch_sharding, make_mesh, shard_state, sharding_context
 
@@ -47,7 +48,7 @@ def _max_err(ours, ref) -> float:
 @pytest.mark.parametrize("folder", FOLDERS)
 def test_tokenizer_end_to_end(folder, converted_vae):
     cfg_json = fixtures.config(folder)
-    vae_cfg, params = bsq_vae.load_vae(converted_vae(folder))
+    vae_cfg, params = load_vae(converted_vae(folder))
     assert vae_cfg.arch_dict() == bsq_vae.VAEConfig.from_upstream(cfg_json["vae_config"]).arch_dict()
     ref = np.load(folder / "vae.npz")
     image = _nhwc(ref["image"])
@@ -92,7 +93,7 @@ def test_transformer_training_inputs(folder, converted_vae):
     cfg_json = fixtures.config(folder)
     train = np.load(folder / "transformer_train.npz")
     patchify = fixtures.patchify(cfg_json)
-    vae_cfg, params = bsq_vae.load_vae(converted_vae(folder))
+    vae_cfg, params = load_vae(converted_vae(folder))
 
     # The training step's raw features are the tokenizer's encoding of the training image.
     raw = bsq_vae.encode_jit(params, _nhwc(train["image"]), cfg=vae_cfg)
@@ -122,7 +123,7 @@ def test_inference_decode_and_uint8(folder, converted_vae):
     infer = np.load(fixtures.require(folder / "transformer_infer.npz"))
     cfg_json = fixtures.config(folder)
     patchify = fixtures.patchify(cfg_json)
-    vae_cfg, params = bsq_vae.load_vae(converted_vae(folder))
+    vae_cfg, params = load_vae(converted_vae(folder))
     sched = fixtures.schedule(cfg_json, "scale_schedule")
     sizes = bitwise.vae_schedule(sched, patchify)
     mode = "fp32__"

@@ -1,4 +1,4 @@
-"""`varejax convert <model> --src PATH --arch ARCH --out DIR [--dry-run]`; model: infinity | vae | t5."""
+"""`varejax convert <model> --src PATH [--arch ARCH] --out DIR [--dry-run]`; model: infinity | vae | t5."""
 
 from __future__ import annotations
 
@@ -7,51 +7,55 @@ import sys
 
 from varejax.convert.sources import CheckpointError
 
+# model: (help, --src help, --arch help or None when the source carries its config, --dry-run help)
+MODELS = {
+    "infinity": ("the Infinity transformer (2B, 8B)",
+                 "state_dict .pth, training checkpoint, or sharded HF folder",
+                 "2b | 8b | a preset name | CONFIG.json",
+                 "check keys and shapes only; write nothing"),
+    "vae": ("the BSQ-VAE bitwise tokenizer (d32 for 2B, d14 for 8B)",
+            "{'vae': state_dict} .pth (or a plain state_dict)",
+            "d32 | d14 | a preset name | CONFIG.json",
+            "check keys, shapes and buffers only; write nothing"),
+    "t5": ("the Flan-T5 text encoder (from a local HF folder)",
+           "HF T5 folder: config.json + safetensors/.bin weights (sharded ok)",
+           None,
+           "check config, keys and shapes only; write nothing"),
+}
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("convert", help="convert upstream PyTorch checkpoints (strict, safe)",
                                    description=__doc__)
     models = parser.add_subparsers(dest="model", required=True, metavar="MODEL")
-    infinity = models.add_parser("infinity", help="the Infinity transformer (2B, 8B)")
-    infinity.add_argument("--src", required=True, help="state_dict .pth, training checkpoint, or sharded HF folder")
-    infinity.add_argument("--arch", required=True, help="2b | 8b | a preset name | CONFIG.json")
-    infinity.add_argument("--out", help="output folder (orbax params + config.json)")
-    infinity.add_argument("--dry-run", action="store_true", help="check keys and shapes only; write nothing")
-    infinity.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
-    infinity.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    infinity.set_defaults(run=_run_infinity)
-
-    vae = models.add_parser("vae", help="the BSQ-VAE bitwise tokenizer (d32 for 2B, d14 for 8B)")
-    vae.add_argument("--src", required=True, help="{'vae': state_dict} .pth (or a plain state_dict)")
-    vae.add_argument("--arch", required=True, help="d32 | d14 | a preset name | CONFIG.json")
-    vae.add_argument("--out", help="output folder (orbax params + config.json)")
-    vae.add_argument("--dry-run", action="store_true", help="check keys, shapes and buffers only; write nothing")
-    vae.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
-    vae.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    vae.set_defaults(run=_run_vae)
-    _add_t5_parser(models)
+    for name, (help_text, src_help, arch_help, dry_run_help) in MODELS.items():
+        sub = models.add_parser(name, help=help_text)
+        sub.add_argument("--src", required=True, help=src_help)
+        if arch_help:
+            sub.add_argument("--arch", required=True, help=arch_help)
+        files = "orbax params + config.json" + (" + tokenizer.json" if name == "t5" else "")
+        sub.add_argument("--out", help=f"output folder ({files})")
+        sub.add_argument("--dry-run", action="store_true", help=dry_run_help)
+        sub.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
+        sub.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+        sub.set_defaults(run=_convert)
 
 
-def _run_infinity(args: argparse.Namespace) -> int:
-    from varejax.convert.infinity import convert_infinity
-
+def _convert(args: argparse.Namespace) -> int:
     if not args.dry_run and not args.out:
         print("error: --out is required unless --dry-run", file=sys.stderr)
         return 2
-    report = convert_infinity(args.src, args.arch, args.out, dry_run=args.dry_run, param_dtype=args.param_dtype,
-                              overwrite=args.overwrite, progress=sys.stderr.isatty())
-    print(report.summary())
-    return 0
-
-
-def _run_vae(args: argparse.Namespace) -> int:
-    from varejax.convert.vae import convert_vae
-
-    if not args.dry_run and not args.out:
-        print("error: --out is required unless --dry-run", file=sys.stderr)
-        return 2
-    report = convert_vae(args.src, args.arch, args.out, dry_run=args.dry_run, param_dtype=args.param_dtype,
-                         overwrite=args.overwrite, progress=sys.stderr.isatty())
+    options = dict(dry_run=args.dry_run, param_dtype=args.param_dtype, overwrite=args.overwrite,
+                   progress=sys.stderr.isatty())
+    if args.model == "infinity":
+        from varejax.convert.infinity import convert_infinity
+        report = convert_infinity(args.src, args.arch, args.out, **options)
+    elif args.model == "vae":
+        from varejax.convert.vae import convert_vae
+        report = convert_vae(args.src, args.arch, args.out, **options)
+    else:
+        from varejax.convert.t5 import convert_t5
+        report = convert_t5(args.src, args.out, **options)
     print(report.summary())
     return 0
 
@@ -66,25 +70,3 @@ def run(args: argparse.Namespace) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {message}", file=sys.stderr)
         return 2
-
-
-def _add_t5_parser(models: argparse._SubParsersAction) -> None:
-    t5 = models.add_parser("t5", help="the Flan-T5 text encoder (from a local HF folder)")
-    t5.add_argument("--src", required=True, help="HF T5 folder: config.json + safetensors/.bin weights (sharded ok)")
-    t5.add_argument("--out", help="output folder (orbax params + config.json + tokenizer.json)")
-    t5.add_argument("--dry-run", action="store_true", help="check config, keys and shapes only; write nothing")
-    t5.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
-    t5.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    t5.set_defaults(run=_run_t5)
-
-
-def _run_t5(args: argparse.Namespace) -> int:
-    from varejax.convert.t5 import convert_t5
-
-    if not args.dry_run and not args.out:
-        print("error: --out is required unless --dry-run", file=sys.stderr)
-        return 2
-    report = convert_t5(args.src, args.out, dry_run=args.dry_run, param_dtype=args.param_dtype,
-                        overwrite=args.overwrite, progress=sys.stderr.isatty())
-    print(report.summary())
-    return 0

@@ -173,11 +173,22 @@ def load_mapped(source: CheckpointSource, p: Plan, dtype: np.dtype | str = np.fl
         stream = progress(stream)
     for key, value in stream:
         if key in buffers:
-            problem = buffers[key].check(value)
-            if problem:
-                raise ConversionError(f"{source.tensors[key].file}: buffer {key!r}: {problem}")
+            _check_buffer(source, buffers[key], value)
             continue
         rule = by_key[key]
         value = rule.transform(np.asarray(value, dtype=np.float32) if value.dtype != np.float32 else value)
         out[rule.path] = value.astype(dtype)
     return out
+
+
+def _check_buffer(source: CheckpointSource, rule: BufferRule, value: np.ndarray) -> None:
+    problem = rule.check(value)
+    if problem:
+        raise ConversionError(f"{source.tensors[rule.key].file}: buffer {rule.key!r}: {problem}")
+
+
+def check_buffers(source: CheckpointSource, p: Plan) -> None:
+    """Reads and checks only the dropped buffers of a plan (what a dry run can afford for small buffers)."""
+    buffers = {b.key: b for b in p.buffers}
+    for key, value in iter_loaded(source, [k for k in p.dropped if buffers[k].check is not None]):
+        _check_buffer(source, buffers[key], value)

@@ -13,55 +13,23 @@ folder is all the text encoder needs.
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from varejax.checkpoint import TOKENIZER_FILE
 from varejax.convert import strict
-from varejax.convert.sources import CheckpointError, CheckpointSource, open_checkpoint, sha256_file, source_fingerprint
+from varejax.convert.common import ConversionReport, finish, plan_report
+from varejax.convert.sources import CheckpointError, CheckpointSource, open_checkpoint, sha256_file
 from varejax.convert.t5_keys import DROPPED_PREFIXES, t5_rules
 from varejax.models.t5 import T5Config
 
-FORMAT = "varejax-t5/1"
-TOKENIZER_FILE = "tokenizer.json"
 # In order of preference; an HF repo often carries several of them (and TF/Flax files, ignored).
 WEIGHT_CANDIDATES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
                      "pytorch_model.bin")
-
-
-@dataclasses.dataclass
-class T5ConversionReport:
-    source: str
-    layout: str
-    config: T5Config
-    tensors: int
-    parameters: int
-    dropped_decoder: int
-    dropped_tied: int
-    tokenizer: bool
-    seconds: float
-    out: str | None
-
-    def summary(self) -> str:
-        cfg = self.config
-        where = f"written to {self.out}" if self.out else "dry run: nothing written"
-        notes = []
-        if self.dropped_decoder:
-            notes.append(f"{self.dropped_decoder} decoder/lm_head tensors of a full T5 checkpoint dropped")
-        if self.dropped_tied:
-            notes.append("encoder.embed_tokens.weight checked equal to shared.weight and dropped")
-        if self.out and not self.tokenizer:
-            notes.append(f"no {TOKENIZER_FILE} in the source folder: copy one into {self.out} before encoding text")
-        note = f"; note: {'; '.join(notes)}" if notes else ""
-        return (f"{self.source} ({self.layout}): all {self.tensors} encoder tensors mapped for T5 "
-                f"{cfg.num_layers} layers, d_model {cfg.d_model}, {cfg.num_heads} heads, d_ff {cfg.d_ff}, "
-                f"{cfg.feed_forward_proj} ({self.parameters:,} parameters) in {self.seconds:.1f}s; {where}{note}")
 
 
 def read_hf_config(folder: Path, **overrides: Any) -> tuple[T5Config, dict[str, Any]]:
@@ -167,7 +135,7 @@ def plan_t5(source: CheckpointSource, cfg: T5Config) -> tuple[strict.Plan, list[
 
 
 def convert_t5(src: str, out: str | None, *, dry_run: bool = False, param_dtype: str = "float32",
-               overwrite: bool = False, progress: bool = True) -> T5ConversionReport:
+               overwrite: bool = False, progress: bool = True) -> ConversionReport:
     """Converts (or with `dry_run`, only checks) a local HF T5 folder.
 
     Raises:
@@ -181,83 +149,23 @@ def convert_t5(src: str, out: str | None, *, dry_run: bool = False, param_dtype:
     cfg, hf = read_hf_config(folder, param_dtype=param_dtype)
     source = open_checkpoint(find_weights(folder))
     p, decoder = plan_t5(source, cfg)
-    n_params = int(sum(np.prod(r.shape) for r in p.rules))
     tokenizer = folder / TOKENIZER_FILE
-    report = T5ConversionReport(src, source.layout, cfg, len(p.rules) + len(p.dropped), n_params, len(decoder),
-                                len(p.dropped), tokenizer.is_file(), 0.0, None)
-    if dry_run:
-        report.seconds = time.time() - start
-        return report
-    if out is None:
-        raise ValueError("--out is required unless --dry-run")
-    wrap = None
-    if progress:
-        from tqdm import tqdm
-
-        def wrap(stream):
-            return tqdm(stream, total=len(p.rules) + len(p.dropped), desc="converting", unit="tensor")
-
-    dtype = np.dtype(param_dtype) if param_dtype != "bfloat16" else _bf16()
-    flat = strict.load_mapped(source, p, dtype=dtype, progress=wrap)
-    sha = source_fingerprint(source)
-    sha["config.json"] = sha256_file(folder / "config.json")
+    notes = []
+    if decoder:
+        notes.append(f"{len(decoder)} decoder/lm_head tensors of a full T5 checkpoint dropped")
+    if p.dropped:
+        notes.append("encoder.embed_tokens.weight checked equal to shared.weight and dropped")
+    if out and not dry_run and not tokenizer.is_file():
+        notes.append(f"no {TOKENIZER_FILE} in the source folder: copy one into {out} before encoding text")
+    target = (f"T5 {cfg.num_layers} layers, d_model {cfg.d_model}, {cfg.num_heads} heads, d_ff {cfg.d_ff}, "
+              f"{cfg.feed_forward_proj}")
+    report = plan_report(src, source, p, target, what="encoder tensors", notes=tuple(notes))
+    sha = {"config.json": sha256_file(folder / "config.json")}
+    files = {}
     if tokenizer.is_file():
         sha[TOKENIZER_FILE] = sha256_file(tokenizer)
-    meta: dict[str, Any] = {
-        "format": FORMAT,
-        "model": cfg.to_dict(),
-        "tokenizer": TOKENIZER_FILE if tokenizer.is_file() else None,
-        "source": {"path": str(src), "layout": source.layout, "sha256": sha, "tensors": report.tensors,
-                   "dropped_decoder_tensors": len(decoder), "hf_config": hf},
-    }
-    _write(out, flat, meta, tokenizer if tokenizer.is_file() else None, overwrite)
-    report.out, report.seconds = out, time.time() - start
-    return report
-
-
-def _write(out: str, flat, meta: dict[str, Any], tokenizer: Path | None, overwrite: bool) -> None:
-    """Atomically writes params/, config.json and tokenizer.json (as checkpoint.write_model_dir, plus the file)."""
-    import varejax
-    from varejax.checkpoint import CONFIG_FILE, PARAMS_SUBDIR, atomic_directory, save_params
-
-    meta = dict(meta)
-    meta.setdefault("varejax", varejax.__version__)
-    meta.setdefault("created", datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
-    with atomic_directory(out, overwrite) as tmp:
-        save_params(tmp / PARAMS_SUBDIR, flat)
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-
-
-def _bf16():
-    import ml_dtypes
-    return np.dtype(ml_dtypes.bfloat16)
-
-
-def read_t5_config(model_dir: str) -> dict[str, Any]:
-    """config.json of a converted T5 folder (format checked)."""
-    from varejax.checkpoint import ModelDirError, read_config
-
-    meta = read_config(model_dir)
-    if meta.get("format") != FORMAT:
-        raise ModelDirError(f"{model_dir}: config.json format is {meta.get('format')!r}, expected {FORMAT!r} "
-                            f"(a folder written by `varejax convert t5`)")
-    return meta
-
-
-def load_t5(model_dir: str, *, mesh=None, rules=None, **overrides) -> tuple[T5Config, Any]:
-    """Loads a converted T5 folder -> (T5Config, nnx.State).
-
-    Args:
-      model_dir: output of `varejax convert t5`.
-      mesh: when given, parameters are restored straight onto the mesh, sharded by `rules`.
-      **overrides: numerics to change (compute_dtype, matmul_precision, ...); architecture fields must match.
-    """
-    from varejax.checkpoint import apply_numerics, restore_state
-    from varejax.models import t5
-
-    meta = read_t5_config(model_dir)
-    cfg = apply_numerics(T5Config.from_dict(meta["model"]), overrides, model_dir)
-    state = restore_state(model_dir, t5.abstract_params(cfg), mesh, rules)
-    return cfg, state
+        files[TOKENIZER_FILE] = tokenizer
+    return finish("t5", cfg, source, p, report, out=out, dry_run=dry_run, param_dtype=param_dtype,
+                  overwrite=overwrite, progress=progress, start=start,
+                  source_meta={"sha256": sha, "dropped_decoder_tensors": len(decoder), "hf_config": hf},
+                  extra={"tokenizer": TOKENIZER_FILE if tokenizer.is_file() else None}, files=files)

@@ -15,18 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
-
-import numpy as np
 
 from varejax.convert import strict
-from varejax.convert.infinity import ConversionReport
-from varejax.convert.sources import CheckpointSource, iter_loaded, open_checkpoint, source_fingerprint
+from varejax.convert.common import ConversionReport, finish, plan_report
+from varejax.convert.sources import CheckpointSource, open_checkpoint
 from varejax.convert.vae_keys import normalise_key_names, vae_rules
 from varejax.models.bsq_vae import VAE_PRESETS, VAEConfig, load_vae_arch
 
 WRAPPERS = (("vae",), ("ema",), ("state_dict",))
-FORMAT = "varejax-vae/1"
 
 
 def _plan_for(source: CheckpointSource, cfg: VAEConfig) -> tuple[strict.Plan, dict[str, str], list[str]]:
@@ -71,15 +67,6 @@ def plan_vae(source: CheckpointSource, cfg: VAEConfig, arch: str) -> tuple[stric
     return p, dataclasses.replace(source, tensors=renamed)
 
 
-def _check_buffers(source: CheckpointSource, p: strict.Plan) -> None:
-    buffers = {b.key: b for b in p.buffers}
-    keys = [k for k in p.dropped if buffers[k].check is not None]
-    for key, value in iter_loaded(source, keys):
-        problem = buffers[key].check(value)
-        if problem:
-            raise strict.ConversionError(f"{source.tensors[key].file}: buffer {key!r}: {problem}")
-
-
 def convert_vae(src: str, arch: str, out: str | None, *, dry_run: bool = False, param_dtype: str = "float32",
                 overwrite: bool = False, progress: bool = True) -> ConversionReport:
     """Converts (or with `dry_run`, only checks) an upstream tokenizer checkpoint.
@@ -91,33 +78,8 @@ def convert_vae(src: str, arch: str, out: str | None, *, dry_run: bool = False, 
     cfg = load_vae_arch(arch, param_dtype=param_dtype)
     source = open_checkpoint(src, WRAPPERS)
     p, source = plan_vae(source, cfg, arch)
-    n_params = int(sum(np.prod(r.shape) for r in p.rules))
-    n_tensors = len(p.rules) + len(p.dropped)
     if dry_run:
-        _check_buffers(source, p)  # two tiny int64 vectors: cheap, and a wrong one means a wrong file
-        return ConversionReport(arch, src, source.layout, n_tensors, n_params, len(p.dropped), time.time() - start,
-                                None)
-    if out is None:
-        raise ValueError("--out is required unless --dry-run")
-    wrap = None
-    if progress:
-        from tqdm import tqdm
-
-        def wrap(stream):
-            return tqdm(stream, total=n_tensors, desc="converting", unit="tensor")
-
-    if param_dtype == "bfloat16":
-        import ml_dtypes
-        dtype = np.dtype(ml_dtypes.bfloat16)
-    else:
-        dtype = np.dtype(param_dtype)
-    flat = strict.load_mapped(source, p, dtype=dtype, progress=wrap)
-    meta: dict[str, Any] = {
-        "format": FORMAT,
-        "model": cfg.to_dict(),
-        "source": {"path": str(src), "layout": source.layout, "sha256": source_fingerprint(source),
-                   "tensors": n_tensors, "dropped_buffers": len(p.dropped)},
-    }
-    from varejax.checkpoint import write_model_dir
-    write_model_dir(out, flat, meta, overwrite=overwrite)
-    return ConversionReport(arch, src, source.layout, n_tensors, n_params, len(p.dropped), time.time() - start, out)
+        strict.check_buffers(source, p)  # two tiny int64 vectors: cheap, and a wrong one means a wrong file
+    report = plan_report(src, source, p, f"--arch {arch}", details=(f"{len(p.dropped)} buffers checked and dropped",))
+    return finish("vae", cfg, source, p, report, out=out, dry_run=dry_run, param_dtype=param_dtype,
+                  overwrite=overwrite, progress=progress, start=start, source_meta={"dropped_buffers": len(p.dropped)})

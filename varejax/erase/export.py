@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from varejax.convert.infinity import FORMAT
+from varejax.checkpoint import FORMATS
 from varejax.convert.infinity_keys import upstream_key
 from varejax.erase import optim
 from varejax.models import apply, lora
@@ -53,7 +53,8 @@ def write_erased_model(out: str | os.PathLike, cfg: Any, params: Any, config: An
     flat = {path: _host(v) for path, v in apply.flat_params(params).items()}
     if not _is_writer():
         return Path(out)
-    meta = {"format": FORMAT, "model": cfg.replace(cond_drop_rate=0.0, drop_path_rate=0.0, remat=False).to_dict(),
+    meta = {"format": FORMATS["infinity"],
+            "model": cfg.replace(cond_drop_rate=0.0, drop_path_rate=0.0, remat=False).to_dict(),
             "source": {"erased_from": str(getattr(getattr(config, "model", None), "infinity", "") or ""),
                        "config": json.loads(config.to_json()) if config is not None else None}}
     return write_model_dir(out, flat, meta, overwrite=True)

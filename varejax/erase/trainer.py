@@ -325,7 +325,7 @@ def run_erase(config: Any, workdir: str | os.PathLike, *, models: Any = None, ph
         # Only the adapters trained: the original is the final base with the initial factors.
         original = lora.reinitialise(cfg, params)
     elif original is None:
-        from varejax.convert.infinity import load_infinity
+        from varejax.checkpoint import load_infinity
         _, original = load_infinity(config.model.infinity, mesh=mesh, rules=rules, **model_overrides(config))
     _export(config, workdir, cfg, params, original, scfg)
     return ErasureResult(cfg, params, original, total, workdir, pairs, time.time() - start_time)
@@ -344,7 +344,7 @@ def _wait_for_files(files: list[Path], timeout_s: float = 3600.0) -> None:
 
 
 def _load_models(config: Any, workdir: Path, mesh, rules):
-    from varejax.convert.infinity import load_infinity
+    from varejax.checkpoint import load_infinity
     from varejax.sample.text_features import TextEncoder
 
     for key in ("infinity", "t5"):
@@ -362,13 +362,14 @@ def _validation(config, workdir, cfg, schedule, encode_text, mesh, rules):
     if not config.validation.prompts or not config.model.vae:
         return None
     from varejax import images as image_io
-    from varejax.models.bsq_vae import decode_jit, load_vae
+    from varejax.checkpoint import load_vae
+    from varejax.models.bsq_vae import decode_jit
     from varejax.parallel import sharding_context
     from varejax.parallel.distributed import is_main_process
     from varejax.sample.pipeline import image_grid
     from varejax.sample.sampler import SamplingConfig, generate_jit
 
-    vae_cfg, vae_params = load_vae(config.model.vae, mesh, rules=rules)
+    vae_cfg, vae_params = load_vae(config.model.vae, mesh=mesh, rules=rules)
     prompts = list(config.validation.prompts)
     text, mask = encode_text(prompts)
     sampling = SamplingConfig(cfg=(float(config.validation.guidance),), tau=(float(config.validation.tau),),

@@ -2,42 +2,31 @@
 
 The NNX module holds the structure; training, sharding and checkpoints work on its parameter state
 (an `nnx.State`). `forward(params, text, text_mask, next_scale_inputs, schedule, cfg=...)` merges the
-cached graph definition of `cfg` with `params` inside the trace, so it is a pure function that can be
-jitted, differentiated and sharded.
+cached graph definition of `cfg` with `params` inside the trace (`models.state.bind`), so it is a pure
+function that can be jitted, differentiated and sharded.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 from flax import nnx
 
-from varejax.models import schedules
+from varejax.models import schedules, state
 from varejax.models.config import InfinityConfig
 from varejax.models.infinity import Infinity
-from varejax.models.layers import shapes_only
 from varejax.models.state import count_params, fill_state, flat_params  # noqa: F401 (re-exported)
-
-
-@functools.lru_cache(maxsize=32)
-def graph_and_abstract_state(cfg: InfinityConfig) -> tuple[Any, nnx.State]:
-    """(graphdef, abstract parameter state) of `cfg`, without allocating any parameter."""
-    with shapes_only():
-        abstract = nnx.eval_shape(lambda: Infinity(cfg, nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    return graphdef, state
 
 
 def init_params(cfg: InfinityConfig, seed: int = 0) -> nnx.State:
     """Freshly initialised parameters (an `nnx.State`)."""
-    return nnx.state(Infinity(cfg, nnx.Rngs(seed)))
+    return state.init_state(Infinity, cfg, seed)
 
 
 def abstract_params(cfg: InfinityConfig) -> nnx.State:
     """Parameter shapes and dtypes as `jax.ShapeDtypeStruct`s (no memory)."""
-    return graph_and_abstract_state(cfg)[1]
+    return state.abstract_state(Infinity, cfg)
 
 
 def state_from_flat(cfg: InfinityConfig, flat: dict[tuple[str, ...], Any]) -> nnx.State:
@@ -47,8 +36,7 @@ def state_from_flat(cfg: InfinityConfig, flat: dict[tuple[str, ...], Any]) -> nn
 
 def bind(params: nnx.State, cfg: InfinityConfig) -> Infinity:
     """The module of `cfg` with `params` (inside or outside a trace)."""
-    graphdef, _ = graph_and_abstract_state(cfg)
-    return nnx.merge(graphdef, params)
+    return state.bind(Infinity, params, cfg)
 
 
 def forward(params: nnx.State, text: jax.Array, text_mask: jax.Array, next_scale_inputs: jax.Array,

@@ -18,8 +18,8 @@ The multi-scale bit quantiser that turns the encoder's raw features into per-sca
 
 Pure functions: `encode(params, images_BHWC, cfg)` -> raw features [B, H/p, W/p, d] float32;
 `decode(params, summed_codes_BhwD, cfg)` -> images in [-1, 1]; `encode_jit` / `decode_jit`;
-`init_vae_params`, `abstract_vae_params`, `load_vae(model_dir)` for a folder written by
-`varejax convert vae`.
+`init_vae_params`, `abstract_vae_params`; `varejax.checkpoint.load_vae(model_dir)` loads a folder
+written by `varejax convert vae`.
 
 Presets: `d32` (Infinity-2B tokenizer: d 32, patch 16, ch_mult 1,2,4,4,4), `d14` (Infinity-8B: d 14,
 patch 8, ch_mult 1,2,4,4; the 8B transformer patchifies 2x2 latents), and `tiny` (the infinity_tiny
@@ -29,7 +29,6 @@ fixture: d 32, patch 16, base_ch 32, ch_mult 1,1,1,2,2).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 from typing import Any
@@ -38,9 +37,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from varejax.models.layers import F32, dtype_of, param, shapes_only
+from varejax.models import state
+from varejax.models.layers import F32, dtype_of, param
 from varejax.models.patchify import pixel_shuffle, pixel_unshuffle
-from varejax.models.state import fill_state
 from varejax.parallel import constrain
 
 # Fields that fix the parameter shapes; the rest is numerics.
@@ -422,32 +421,24 @@ class BSQVAE(nnx.Module):
 
 # ---- pure-function view ------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=16)
-def vae_graph_and_abstract_state(cfg: VAEConfig) -> tuple[Any, nnx.State]:
-    """(graphdef, abstract parameter state) of `cfg`, without allocating any parameter."""
-    with shapes_only():
-        abstract = nnx.eval_shape(lambda: BSQVAE(cfg, nnx.Rngs(0)))
-    return nnx.split(abstract)
-
-
 def init_vae_params(cfg: VAEConfig, seed: int = 0) -> nnx.State:
     """Freshly initialised parameters (an `nnx.State`; random, not upstream's init)."""
-    return nnx.state(BSQVAE(cfg, nnx.Rngs(seed)))
+    return state.init_state(BSQVAE, cfg, seed)
 
 
 def abstract_vae_params(cfg: VAEConfig) -> nnx.State:
     """Parameter shapes and dtypes as `jax.ShapeDtypeStruct`s (no memory)."""
-    return vae_graph_and_abstract_state(cfg)[1]
+    return state.abstract_state(BSQVAE, cfg)
 
 
 def vae_state_from_flat(cfg: VAEConfig, flat: dict[tuple[str, ...], Any]) -> nnx.State:
     """The parameter state of `cfg` from {path: array}; every path must be present with its shape."""
-    return fill_state(abstract_vae_params(cfg), flat)
+    return state.fill_state(abstract_vae_params(cfg), flat)
 
 
 def bind_vae(params: nnx.State, cfg: VAEConfig) -> BSQVAE:
-    graphdef, _ = vae_graph_and_abstract_state(cfg)
-    return nnx.merge(graphdef, params)
+    """The tokenizer of `cfg` with `params` (inside or outside a trace)."""
+    return state.bind(BSQVAE, params, cfg)
 
 
 def encode(params: nnx.State, images_BHWC: jax.Array, cfg: VAEConfig) -> jax.Array:
@@ -466,29 +457,3 @@ def decode(params: nnx.State, summed_codes_BhwD: jax.Array, cfg: VAEConfig) -> j
 
 encode_jit = jax.jit(encode, static_argnames=("cfg",))
 decode_jit = jax.jit(decode, static_argnames=("cfg",))
-
-
-def load_vae(model_dir: str, mesh=None, *, rules=None, **overrides: Any) -> tuple[VAEConfig, nnx.State]:
-    """Loads a folder written by `varejax convert vae` -> (VAEConfig, nnx.State).
-
-    Args:
-      model_dir: the converted folder (orbax params + config.json with format varejax-vae/1).
-      mesh: when given, parameters are restored onto the mesh as `rules` say (replicated by default:
-        the tokenizer is data-parallel).
-      **overrides: numerics to change (compute_dtype, matmul_precision, ...); architecture fields must
-        match the folder's.
-    """
-    from varejax.checkpoint import ModelDirError, apply_numerics, read_config, restore_state
-    from varejax.convert.vae import FORMAT
-
-    meta = read_config(model_dir)
-    if meta.get("format") != FORMAT:
-        raise ModelDirError(f"{model_dir}: config.json format is {meta.get('format')!r}, expected {FORMAT!r}")
-    cfg = apply_numerics(VAEConfig.from_dict(meta["model"]), overrides, model_dir)
-    state = restore_state(model_dir, abstract_vae_params(cfg), mesh, rules)
-    return cfg, state
-
-
-def count_vae_params(cfg: VAEConfig) -> int:
-    from varejax.models.apply import flat_params
-    return sum(math.prod(v.shape) for v in flat_params(abstract_vae_params(cfg)).values())

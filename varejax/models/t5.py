@@ -19,7 +19,6 @@ attention_mask, cfg)` is the jitted pure function; `T5Config.from_hf_config` rea
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
@@ -28,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from varejax.models.layers import F32, Dense, RMSNorm, gelu_tanh, param, shapes_only
-from varejax.models.state import fill_state
+from varejax.models import state
+from varejax.models.layers import F32, Dense, RMSNorm, gelu_tanh, param
 from varejax.parallel import constrain
 
 BATCH_LEN_EMBED = ("act_batch", "act_text_len", "act_embed")
@@ -303,31 +302,24 @@ class T5Encoder(nnx.Module):
 
 # ---- pure-function view -----------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=16)
-def graph_and_abstract_state(cfg: T5Config) -> tuple[Any, nnx.State]:
-    """(graphdef, abstract parameter state) of `cfg`, without allocating any parameter."""
-    with shapes_only():
-        abstract = nnx.eval_shape(lambda: T5Encoder(cfg, nnx.Rngs(0)))
-    return nnx.split(abstract)
-
-
 def init_params(cfg: T5Config, seed: int = 0) -> nnx.State:
     """Freshly initialised parameters (an `nnx.State`); T5's initialisation scales, for tests."""
-    return nnx.state(T5Encoder(cfg, nnx.Rngs(seed)))
+    return state.init_state(T5Encoder, cfg, seed)
 
 
 def abstract_params(cfg: T5Config) -> nnx.State:
-    return graph_and_abstract_state(cfg)[1]
+    """Parameter shapes and dtypes as `jax.ShapeDtypeStruct`s (no memory)."""
+    return state.abstract_state(T5Encoder, cfg)
 
 
 def state_from_flat(cfg: T5Config, flat: dict[tuple[str, ...], Any]) -> nnx.State:
     """Parameter state of `cfg` from {path: array}; every path must be present, shapes must match."""
-    return fill_state(abstract_params(cfg), flat)
+    return state.fill_state(abstract_params(cfg), flat)
 
 
 def bind(params: nnx.State, cfg: T5Config) -> T5Encoder:
-    graphdef, _ = graph_and_abstract_state(cfg)
-    return nnx.merge(graphdef, params)
+    """The encoder of `cfg` with `params` (inside or outside a trace)."""
+    return state.bind(T5Encoder, params, cfg)
 
 
 def forward(params: nnx.State, input_ids: jax.Array, attention_mask: jax.Array, cfg: T5Config) -> jax.Array:

@@ -50,14 +50,13 @@ class Pipeline:
                   min_vocab: int = 32100, max_text_length: int = 512, mesh: Any = None, rules: Any = None,
                   **numerics: Any) -> Pipeline:
         """Loads converted model folders (`varejax convert infinity|vae|t5`), sharded onto `mesh` if given."""
-        from varejax.convert.infinity import load_infinity
-        from varejax.models.bsq_vae import load_vae
+        from varejax.checkpoint import load_infinity, load_vae
         from varejax.parallel import DEFAULT_RULES
         from varejax.sample.text_features import TextEncoder
 
         rules = rules or DEFAULT_RULES
         infinity_cfg, infinity_params = load_infinity(infinity_dir, mesh=mesh, rules=rules, **numerics)
-        vae_cfg, vae_params = load_vae(vae_dir, mesh, rules=rules)
+        vae_cfg, vae_params = load_vae(vae_dir, mesh=mesh, rules=rules)
         text_encoder = TextEncoder.from_dir(t5_dir, cache_dir=text_cache_dir, min_vocab=min_vocab,
                                             max_length=max_text_length, mesh=mesh, rules=rules)
         hashes = {"infinity": model_hash(infinity_dir), "vae": model_hash(vae_dir), "t5": model_hash(t5_dir)}

@@ -40,9 +40,9 @@ def round_up(n: int, multiple: int) -> int:
 
 def checkpoint_hash(model_dir: str | os.PathLike) -> str:
     """Identity of a converted T5 folder: sha256 over its source files' sha256s and its parameter dtype."""
-    from varejax.convert.t5 import read_t5_config
+    from varejax.checkpoint import read_meta
 
-    meta = read_t5_config(str(model_dir))
+    meta = read_meta(model_dir, "t5")
     ident = {"sha256": meta["source"]["sha256"], "param_dtype": meta["model"]["param_dtype"]}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
@@ -117,7 +117,7 @@ class TextEncoder:
                  max_length: int = 512, min_vocab: int = T5_VOCAB, mesh=None, rules=None,
                  **overrides: Any) -> TextEncoder:
         """Loads a folder written by `varejax convert t5` (parameters, config, tokenizer.json)."""
-        from varejax.convert.t5 import TOKENIZER_FILE, load_t5
+        from varejax.checkpoint import TOKENIZER_FILE, load_t5
 
         cfg, params = load_t5(str(model_dir), mesh=mesh, rules=rules, **overrides)
         tokenizer = T5Tokenizer.from_file(Path(model_dir) / TOKENIZER_FILE, min_vocab=min_vocab)

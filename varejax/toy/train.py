@@ -519,23 +519,21 @@ def _source(flat_host: dict, extra: dict[str, str] | None = None, seed: int = 0)
 
 
 def write_infinity(out: Path, cfg, params, record: dict[str, Any], seed: int) -> None:
-    from varejax.checkpoint import write_model_dir
-    from varejax.convert.infinity import FORMAT
+    from varejax.checkpoint import FORMATS, write_model_dir
     from varejax.models.apply import flat_params
 
     flat = _host(flat_params(params))
-    write_model_dir(out, flat, {"format": FORMAT, "model": cfg.to_dict(), "source": _source(flat, seed=seed),
-                                "training": record}, overwrite=True)
+    write_model_dir(out, flat, {"format": FORMATS["infinity"], "model": cfg.to_dict(),
+                                "source": _source(flat, seed=seed), "training": record}, overwrite=True)
 
 
 def write_vae(out: Path, cfg, params, record: dict[str, Any], seed: int) -> None:
-    from varejax.checkpoint import write_model_dir
-    from varejax.convert.vae import FORMAT
+    from varejax.checkpoint import FORMATS, write_model_dir
     from varejax.models.apply import flat_params
 
     flat = _host(flat_params(params))
-    write_model_dir(out, flat, {"format": FORMAT, "model": cfg.to_dict(), "source": _source(flat, seed=seed),
-                                "training": record}, overwrite=True)
+    write_model_dir(out, flat, {"format": FORMATS["vae"], "model": cfg.to_dict(),
+                                "source": _source(flat, seed=seed), "training": record}, overwrite=True)
 
 
 def write_t5(out: Path, cfg, params, tokenizer_json: str, record: dict[str, Any], seed: int) -> None:
@@ -543,13 +541,12 @@ def write_t5(out: Path, cfg, params, tokenizer_json: str, record: dict[str, Any]
     import datetime
 
     import varejax
-    from varejax.checkpoint import CONFIG_FILE, PARAMS_SUBDIR, atomic_directory, save_params
-    from varejax.convert.t5 import FORMAT, TOKENIZER_FILE
+    from varejax.checkpoint import CONFIG_FILE, FORMATS, PARAMS_SUBDIR, TOKENIZER_FILE, atomic_directory, save_params
     from varejax.models.apply import flat_params
 
     flat = _host(flat_params(params))
     tok_sha = hashlib.sha256(tokenizer_json.encode()).hexdigest()
-    meta = {"format": FORMAT, "model": cfg.to_dict(), "tokenizer": TOKENIZER_FILE,
+    meta = {"format": FORMATS["t5"], "model": cfg.to_dict(), "tokenizer": TOKENIZER_FILE,
             "source": _source(flat, {TOKENIZER_FILE: tok_sha}, seed=seed), "training": record,
             "varejax": varejax.__version__,
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
@@ -665,7 +662,7 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
 
     start = time.time()
     if reuse is not None:
-        from varejax.models.bsq_vae import load_vae
+        from varejax.checkpoint import load_vae
 
         vae_cfg, vae_params = load_vae(str(reuse / "vae"))
         vae_meta = read_config(reuse / "vae")["training"]
@@ -745,8 +742,7 @@ def run(config, workdir: str | os.PathLike) -> dict[str, Any]:
     else:
         start_from = None
         if reused is not None:
-            from varejax.convert.infinity import load_infinity
-            from varejax.convert.t5 import load_t5
+            from varejax.checkpoint import load_infinity, load_t5
 
             done = int(reused.get("cycles", 1))
             start_from = (load_t5(str(reuse / "t5"))[1], load_infinity(str(reuse / "infinity"))[1], done)
