@@ -15,7 +15,7 @@ import numpy as np
 
 from varejax.convert.sources import CheckpointError, CheckpointSource, iter_loaded
 
-Path = tuple[str, ...]
+ParamPath = tuple[str, ...]
 
 
 def transpose_2d(x: np.ndarray) -> np.ndarray:
@@ -36,7 +36,7 @@ class KeyRule:
     """Upstream tensor `key` of `shape` becomes parameter `path` after `transform`."""
 
     key: str
-    path: Path
+    path: ParamPath
     shape: tuple[int, ...]
     transform: Callable[[np.ndarray], np.ndarray] = identity
 
@@ -160,11 +160,11 @@ def check(p: Plan, source: str, arch: str, alternatives: Mapping[str, Plan] | No
 
 
 def load_mapped(source: CheckpointSource, p: Plan, dtype: np.dtype | str = np.float32,
-                progress: Callable[[Iterable], Iterable] | None = None) -> dict[Path, np.ndarray]:
+                progress: Callable[[Iterable], Iterable] | None = None) -> dict[ParamPath, np.ndarray]:
     """Reads the tensors of a successful plan: checks buffers, applies transforms, casts to `dtype`."""
     if not p.ok:
         raise ConversionError("cannot load a plan with errors")
-    out: dict[Path, np.ndarray] = {}
+    out: dict[ParamPath, np.ndarray] = {}
     by_key = {r.key: r for r in p.rules}
     buffers = {b.key: b for b in p.buffers}
     keys = [r.key for r in p.rules] + [k for k in p.dropped if buffers[k].check is not None]

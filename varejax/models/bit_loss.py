@@ -74,5 +74,4 @@ def loss_fn(params: nnx.State, text: jax.Array, text_mask: jax.Array, next_scale
 
 
 _STATIC = ("schedule", "cfg", "reweight_by_scale", "h_div_w_template")
-loss_jit = jax.jit(loss_fn, static_argnames=_STATIC)
 loss_and_grad_jit = jax.jit(jax.value_and_grad(loss_fn), static_argnames=_STATIC)

@@ -322,11 +322,3 @@ def count_params_formula(cfg: InfinityConfig) -> int:
            + V * C + V)
     return top + cfg.depth * block
 
-
-def describe(cfg: InfinityConfig) -> str:
-    n = count_params_formula(cfg)
-    return (f"Infinity depth={cfg.depth} C={cfg.embed_dim} heads={cfg.num_heads} ffn={cfg.ffn_hidden} "
-            f"d={cfg.bits_per_token} params={n / 1e9:.4f}B ({n:,})" if n > 1e8 else
-            f"Infinity depth={cfg.depth} C={cfg.embed_dim} heads={cfg.num_heads} ffn={cfg.ffn_hidden} "
-            f"d={cfg.bits_per_token} params={n:,}")
-

@@ -284,7 +284,7 @@ class Infinity(nnx.Module):
         self._capture("text_proj_for_ca", text_BTD)
         return cond_BD, text_BTD, mask
 
-    def ada_gss(self, cond_BD: jax.Array) -> jax.Array:
+    def shared_ada_condition(self, cond_BD: jax.Array) -> jax.Array:
         """shared_ada_lin: SiLU -> Linear(D, 6C) -> [B, 1, 6, C] (before adding each block's ada_gss)."""
         gss = self.shared_ada_lin(jax.nn.silu(cond_BD)).astype(F32).reshape(-1, 1, 6, self.cfg.embed_dim)
         self._capture("shared_ada_lin", gss)
@@ -344,7 +344,7 @@ class Infinity(nnx.Module):
             text_BTC = self.drop_condition(text_BTC, text_mask_BT, rng_cond)
 
         cond_BD, text_BTD, text_mask = self.encode_text(text_BTC.astype(F32), text_mask_BT)
-        gss = self.ada_gss(cond_BD)
+        gss = self.shared_ada_condition(cond_BD)
         sos = cond_BD[:, None, :] + self.pos_start[...].astype(F32)
         words = self.word_embed(x_BLC_wo_prefix.astype(F32)).astype(F32)
         self._capture("word_embed", words)

@@ -33,7 +33,7 @@ from varejax.models import apply
 from varejax.models.config import InfinityConfig, is_lora_path
 from varejax.models.layers import lora_a_init
 
-Path = tuple[str, ...]
+ParamPath = tuple[str, ...]
 
 
 def host_array(x: Any) -> np.ndarray:
@@ -44,7 +44,7 @@ def host_array(x: Any) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def lora_layers(flat: Mapping[Path, Any]) -> list[Path]:
+def lora_layers(flat: Mapping[ParamPath, Any]) -> list[ParamPath]:
     """Paths of the layers (without the leaf name) that hold both LoRA factors, in `flat`'s order."""
     return [path[:-1] for path in flat if path[-1] == "lora_a" and path[:-1] + ("lora_b",) in flat]
 
@@ -63,7 +63,7 @@ def add_delta(kernel: Any, delta: np.ndarray) -> jax.Array:
     return (jnp.asarray(kernel, jnp.float32) + delta).astype(kernel.dtype)
 
 
-def merged_deltas(cfg: InfinityConfig, params: Any) -> dict[Path, np.ndarray]:
+def merged_deltas(cfg: InfinityConfig, params: Any) -> dict[ParamPath, np.ndarray]:
     """{kernel path: scale * A @ B} (float32, [in, out]) of every adapter in `params`."""
     flat = params if isinstance(params, Mapping) and not isinstance(params, nnx.State) else apply.flat_params(params)
     return {layer + ("kernel",): factor_delta(flat[layer + ("lora_a",)], flat[layer + ("lora_b",)], cfg.lora_scale)
@@ -79,7 +79,7 @@ def merge(cfg: InfinityConfig, params: Any) -> tuple[InfinityConfig, Any]:
     return plain, apply.state_from_flat(plain, {k: v for k, v in flat.items() if not is_lora_path(k)})
 
 
-def initial_factor(cfg: InfinityConfig, path: Path, shape: tuple[int, ...]) -> np.ndarray:
+def initial_factor(cfg: InfinityConfig, path: ParamPath, shape: tuple[int, ...]) -> np.ndarray:
     """The initial value of a factor leaf: A from `lora_a_init`, B zeros (float32)."""
     if path[-1] == "lora_a":
         return lora_a_init(cfg.lora_seed, path, shape[0], shape[1])

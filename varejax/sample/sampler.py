@@ -162,7 +162,7 @@ def generate(params: nnx.State, text: jax.Array, text_mask: jax.Array, schedule:
         text_mask = jnp.concatenate([text_mask, uncond_mask.astype(text_mask.dtype)], axis=0)
 
     cond_BD, text_BTD, mask_B11T = model.encode_text(text, text_mask)
-    gss = model.ada_gss(cond_BD)
+    gss = model.shared_ada_condition(cond_BD)
     text_kvs = [block.ca.text_kv(text_BTD) for block in model.blocks]
     cos_all, sin_all = (jnp.asarray(t) for t in rope.rope_table(schedule, cfg.head_dim, h_div_w_template, 1))
     levels = model.lvl_embed[...].astype(F32)
