@@ -34,8 +34,12 @@ def _pil():
 
 
 def to_float(uint8_rgb: np.ndarray) -> np.ndarray:
-    """uint8 [..., H, W, 3] -> float32 in [-1, 1] (2 x/255 - 1, in upstream's float32 order)."""
-    x = np.asarray(uint8_rgb)
+    """uint8 [..., H, W, 3] -> float32 in [-1, 1] (2 x/255 - 1, in upstream's float32 order).
+
+    The one uint8 -> float conversion of varejax: numpy arrays give numpy, jax arrays (also inside
+    `jax.jit`) give jax arrays, with the same float32 operations.
+    """
+    x = uint8_rgb if hasattr(uint8_rgb, "astype") else np.asarray(uint8_rgb)
     if x.dtype != np.uint8:
         raise ValueError(f"expected uint8 pixels, got {x.dtype}")
     x = x.astype(np.float32) / np.float32(255)
@@ -69,6 +73,13 @@ def preprocess(image, size: tuple[int, int]) -> np.ndarray:
     return to_float(arr[top: top + tgt_h, left: left + tgt_w])
 
 
+def load_uint8(path: str | os.PathLike) -> np.ndarray:
+    """Reads an image file as uint8 RGB [H, W, 3] (grey or RGBA images are converted to RGB)."""
+    Image = _pil()
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
 def load_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
     """Reads an image file as float32 RGB [H, W, 3] in [-1, 1].
 
@@ -77,12 +88,12 @@ def load_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> 
       size: (H, W) to resize and centre-crop to as upstream does for real images; None keeps the
         file's size.
     """
+    if size is None:
+        return to_float(load_uint8(path))
     Image = _pil()
     with Image.open(path) as im:
         im.load()
-        if size is not None:
-            return preprocess(im, size)
-        return to_float(np.asarray(im.convert("RGB")))
+        return preprocess(im, size)
 
 
 def load_images(paths: Sequence[str | os.PathLike], size: tuple[int, int] | None = None) -> np.ndarray:

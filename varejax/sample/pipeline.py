@@ -131,13 +131,6 @@ def plan_images(prompts: Sequence[str], images_per_prompt: int, seed: int) -> li
     return out
 
 
-def _read_uint8(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
-
-
 def run_sampling(config: Any, workdir: str | os.PathLike, pipeline: Pipeline | None = None,
                  schedule: Sequence[tuple[int, int, int]] | None = None) -> list[dict]:
     """The `varejax sample` stage: images, records and a grid in `workdir`; returns the records.
@@ -189,6 +182,6 @@ def run_sampling(config: Any, workdir: str | os.PathLike, pipeline: Pipeline | N
             tmp.write_text(json.dumps(record, indent=1) + "\n")
             os.replace(tmp, out_dir / f"{i:05d}.json")  # the record last: it marks the image done
     records = [json.loads((out_dir / f"{i:05d}.json").read_text()) for i in range(len(plan))]
-    all_images = np.stack([_read_uint8(out_dir / f"{i:05d}.png") for i in range(len(plan))])
+    all_images = np.stack([image_io.load_uint8(out_dir / f"{i:05d}.png") for i in range(len(plan))])
     image_io.save_image(workdir / "grid.png", image_grid(all_images))
     return records
