@@ -129,6 +129,8 @@ PROMPTS = ["a photo of a cat", "", "portrait of an old man at sunset, painting s
 
 
 def test_tokenizer_equals_hf(t5_tokenizer_file):
+    """Padding, truncation and EOS conventions as HF's fast tokenizer (the ids themselves come from the same
+    `tokenizers` engine in both: test_tokenizer_known_ids checks them independently)."""
     from transformers import PreTrainedTokenizerFast
 
     tok = T5Tokenizer.from_file(t5_tokenizer_file)
@@ -144,6 +146,32 @@ def test_tokenizer_equals_hf(t5_tokenizer_file):
     for row, n in enumerate(lengths):
         assert ids[row, n - 1] == 1 and (ids[row, n:] == 0).all() and mask[row].sum() == n
         assert (ids[row, : n - 1] != 1).all()  # one EOS, never doubled
+
+
+def test_tokenizer_known_ids(t5_tokenizer_file):
+    """Ids worked out by hand from t5_like_tokenizer's piece table, not by a second wrapper of the same
+    `tokenizers` engine: <pad> 0, </s> 1, <unk> 2, "▁" 3, "▁"+WORDS[i] 4 + i (score -2), then the
+    characters a-z 0-9 , . ! ? ' from 41 (score -5). Unigram keeps the best total score: "an" is "▁a" + "n"
+    (-7, not "▁" + "a" + "n" = -13); an unknown word is "▁" and its letters."""
+    tok = T5Tokenizer.from_file(t5_tokenizer_file)
+    words = {w: 4 + i for i, w in enumerate(h.WORDS)}
+    char = {c: 41 + i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz0123456789,.!?'")}
+    expected = [
+        [words[w] for w in "a photo of a cat".split()] + [1],
+        [1],
+        [words["portrait"], words["of"], words["a"], char["n"], words["old"], words["man"], words["at"],
+         words["sunset"], char[","], words["painting"], words["style"], char["!"], 1],
+        [3, *(char[c] for c in "zebra?"), 1],
+        [words["a"], words["photo"], words["of"], 1],         # truncated to max_length, </s> kept
+    ]
+    assert expected[0] == [4, 5, 6, 4, 8, 1]
+    prompts = ["a photo of a cat", "", "portrait of an old man at sunset, painting style!", "zebra?"]
+    ids, mask, lengths = tok(prompts, max_length=16)
+    assert lengths.tolist() == [len(e) for e in expected[:4]]
+    for row, want in enumerate(expected[:4]):
+        assert ids[row].tolist() == want + [0] * (16 - len(want)), prompts[row]
+        assert mask[row].tolist() == [1] * len(want) + [0] * (16 - len(want))
+    assert tok(prompts[:1], max_length=4)[0].tolist() == [expected[4]]
 
 
 def test_tokenizer_without_post_processor_appends_eos(tmp_path, t5_tokenizer_file):
