@@ -15,20 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from varejax.batching import pad_rows, round_up
 from varejax.erase.prepare import load_trajectory
 
 BATCH_KEYS = ("target_text", "target_mask", "anchor_text", "anchor_mask", "x_BLC_wo_prefix", "gt_bits",
               "teacher_logits", "frozen_concept_logits")
-
-
-def _pad_rows(rows: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
-    if rows.shape[0] > length:
-        raise ValueError(f"text of {rows.shape[0]} rows does not fit the padded length {length}")
-    padded = np.zeros((length,) + rows.shape[1:], np.float32)
-    padded[: rows.shape[0]] = rows
-    mask = np.zeros((length,), np.int32)
-    mask[: rows.shape[0]] = 1
-    return padded, mask
 
 
 def text_length(files: Sequence[str | os.PathLike], multiple: int = 8) -> int:
@@ -37,7 +28,7 @@ def text_length(files: Sequence[str | os.PathLike], multiple: int = 8) -> int:
     for path in files:
         with np.load(path) as data:
             longest = max(longest, data["anchor_text"].shape[0], data["target_text"].shape[0])
-    return -(-longest // multiple) * multiple
+    return round_up(longest, multiple)
 
 
 class TrajectoryBatches:
@@ -61,9 +52,8 @@ class TrajectoryBatches:
     @functools.lru_cache(maxsize=256)  # noqa: B019 - the instance lives for the whole run
     def _cached(self, path: str) -> dict[str, Any]:
         data = load_trajectory(path)
-        target, target_mask = _pad_rows(data["target_text"], self.text_len)
-        anchor, anchor_mask = _pad_rows(data["anchor_text"], self.text_len)
-        return {"target_text": target, "target_mask": target_mask, "anchor_text": anchor, "anchor_mask": anchor_mask,
+        text, mask = pad_rows([data["target_text"], data["anchor_text"]], self.text_len, np.float32)
+        return {"target_text": text[0], "target_mask": mask[0], "anchor_text": text[1], "anchor_mask": mask[1],
                 "x_BLC_wo_prefix": data["x_BLC_wo_prefix"], "gt_bits": data["gt_bits"],
                 "teacher_logits": data["teacher_logits"], "frozen_concept_logits": data["concept_logits"]}
 

@@ -50,6 +50,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from varejax.batching import pad_rows
 from varejax.erase import optim
 from varejax.erase.losses import REQUIRED_ARRAYS, get_erase_loss, preservation_loss
 from varejax.models import apply, schedules
@@ -155,17 +156,9 @@ def pad_compact_text(kv_compact: np.ndarray, lens: np.ndarray, max_len: int | No
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Upstream's compact text (rows of all prompts concatenated, + lengths) -> padded [B, T, C] and mask [B, T]."""
     lens = [int(n) for n in np.asarray(lens)]
-    T = max(lens) if max_len is None else int(max_len)
-    if sum(lens) != kv_compact.shape[0] or max(lens) > T:
-        raise ValueError(f"lengths {lens} do not fit {kv_compact.shape[0]} compact rows / max_len {T}")
-    text = np.zeros((len(lens), T, kv_compact.shape[1]), kv_compact.dtype)
-    mask = np.zeros((len(lens), T), np.int32)
-    start = 0
-    for i, n in enumerate(lens):
-        text[i, :n] = kv_compact[start:start + n]
-        mask[i, :n] = 1
-        start += n
-    return text, mask
+    if sum(lens) != kv_compact.shape[0]:
+        raise ValueError(f"lengths {lens} do not fit {kv_compact.shape[0]} compact rows")
+    return pad_rows(np.split(kv_compact, np.cumsum(lens)[:-1]), max_len)
 
 
 # ---- objectives -----------------------------------------------------------------------------------------

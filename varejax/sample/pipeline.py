@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from varejax import images as image_io
+from varejax.batching import padded_batches
 from varejax.models import schedules
 from varejax.sample.sampler import SamplingConfig, generate_jit
 
@@ -165,10 +166,10 @@ def run_sampling(config: Any, workdir: str | os.PathLike, pipeline: Pipeline | N
     plan = plan_images(list(config.prompts), config.images_per_prompt, config.seed)
     todo = [i for i in range(len(plan)) if not (out_dir / f"{i:05d}.json").exists()]
     batch = max(1, int(config.batch_size))
-    for start in tqdm(range(0, len(todo), batch), desc="sampling", unit="batch", disable=not todo):
-        chunk = todo[start:start + batch]
-        # Pad the last batch to a full one so the sampler compiles once.
-        padded = chunk + [chunk[-1]] * (batch - len(chunk))
+    # Full batches (the last one padded by repetition) so the sampler compiles once.
+    for idx, count in tqdm(list(padded_batches(len(todo), batch)), desc="sampling", unit="batch", disable=not todo):
+        padded = [todo[i] for i in idx]
+        chunk = padded[:count]
         images = pipeline.generate([plan[i][0] for i in padded], [plan[i][1] for i in padded], sampling, schedule,
                                    negative_prompt=config.negative_prompt)
         for i, image in zip(chunk, images, strict=False):

@@ -28,14 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from varejax.batching import pad_rows, round_up
 from varejax.models.t5 import T5Config
 from varejax.models.t5_tokenizer import T5_VOCAB, T5Tokenizer
 
 LENGTH_MULTIPLE = 8
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def checkpoint_hash(model_dir: str | os.PathLike) -> str:
@@ -183,8 +180,4 @@ class TextEncoder:
                     self.cache.put(keys[prompt], prompt, value)
         lengths = [rows[p].shape[0] for p in prompts]
         T = min(self.max_length, round_up(max(lengths), LENGTH_MULTIPLE))
-        features = np.zeros((len(prompts), T, self.cfg.d_model), np.float32)
-        for i, p in enumerate(prompts):
-            features[i, :lengths[i]] = rows[p]
-        mask = (np.arange(T)[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
-        return features, mask
+        return pad_rows([rows[p] for p in prompts], T, np.float32)
