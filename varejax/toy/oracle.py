@@ -16,7 +16,6 @@ Images are uint8 RGB [N, 64, 64, 3] or float in [-1, 1] (the tokenizer's range).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -24,10 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from varejax.models import state
 from varejax.toy import world
 from varejax.toy.world import IMAGE_SIZE
-
-FORMAT = "varejax-toy-oracle/1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,14 +85,9 @@ class OracleCNN(nnx.Module):
         return feats, [head(feats) for head in self.heads]
 
 
-@functools.lru_cache(maxsize=8)
-def graph_and_abstract_state(cfg: OracleConfig):
-    abstract = nnx.eval_shape(lambda: OracleCNN(cfg, nnx.Rngs(0)))
-    return nnx.split(abstract)
-
-
 def init_params(cfg: OracleConfig, seed: int = 0) -> nnx.State:
-    return nnx.state(OracleCNN(cfg, nnx.Rngs(seed)))
+    """Freshly initialised oracle parameters."""
+    return state.init_state(OracleCNN, cfg, seed)
 
 
 def config_from_params(params: nnx.State) -> OracleConfig:
@@ -110,8 +103,8 @@ def config_from_params(params: nnx.State) -> OracleConfig:
 
 
 def bind(params: nnx.State) -> OracleCNN:
-    graphdef, _ = graph_and_abstract_state(config_from_params(params))
-    return nnx.merge(graphdef, params)
+    """The module holding `params` (inside or outside a trace)."""
+    return state.bind(OracleCNN, params, config_from_params(params))
 
 
 def as_float(images: jax.Array) -> jax.Array:
@@ -162,29 +155,15 @@ def accuracy(params: nnx.State, images: np.ndarray, labels: dict[str, np.ndarray
 
 
 def state_from_flat(cfg: OracleConfig, flat: dict[tuple[str, ...], Any]) -> nnx.State:
-    out, seen = [], set()
-    for path, var in nnx.to_flat_state(graph_and_abstract_state(cfg)[1]):
-        key = tuple(str(p) for p in path)
-        seen.add(key)
-        if key not in flat:
-            raise KeyError(f"parameter {'.'.join(key)} missing")
-        if tuple(flat[key].shape) != tuple(var.shape):
-            raise ValueError(f"parameter {'.'.join(key)} has shape {tuple(flat[key].shape)}, expected {var.shape}")
-        out.append((path, var.replace(jnp.asarray(flat[key], dtype=var.dtype))))
-    extra = sorted(set(flat) - seen)
-    if extra:
-        raise KeyError(f"unexpected parameters {extra[:5]}")
-    return nnx.from_flat_state(out)
+    """The parameter state of `cfg` holding the arrays of `flat` (KeyError / ValueError on a mismatch)."""
+    return state.fill_state(state.abstract_state(OracleCNN, cfg), flat)
 
 
 def read_oracle_config(model_dir: str) -> dict[str, Any]:
     """config.json of an oracle folder (format checked): model, accuracy, training record."""
-    from varejax.checkpoint import ModelDirError, read_config
+    from varejax.checkpoint import read_meta
 
-    meta = read_config(model_dir)
-    if meta.get("format") != FORMAT:
-        raise ModelDirError(f"{model_dir}: config.json format is {meta.get('format')!r}, expected {FORMAT!r}")
-    return meta
+    return read_meta(model_dir, "oracle")
 
 
 def load_oracle(model_dir: str) -> nnx.State:
@@ -200,9 +179,7 @@ def load_oracle(model_dir: str) -> nnx.State:
 
 
 def write_oracle(out: str, params: nnx.State, meta: dict[str, Any], overwrite: bool = False) -> None:
-    from varejax.checkpoint import write_model_dir
-    from varejax.models.apply import flat_params
+    """An oracle model folder: params/ and config.json (format, model config, and the fields of `meta`)."""
+    from varejax.checkpoint import save_model
 
-    cfg = config_from_params(params)
-    flat = {k: np.asarray(v) for k, v in flat_params(params).items()}
-    write_model_dir(out, flat, {"format": FORMAT, "model": cfg.to_dict(), **meta}, overwrite=overwrite)
+    save_model(out, "oracle", config_from_params(params), params, extra=meta, overwrite=overwrite)
