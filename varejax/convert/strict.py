@@ -108,7 +108,7 @@ class ConversionError(CheckpointError):
     """The checkpoint does not match the model: lists every problem and the likely cause."""
 
 
-def _common_prefix(keys: Iterable[str]) -> str | None:
+def common_prefix(keys: Iterable[str]) -> str | None:
     keys = list(keys)
     for prefix in ("module.", "_orig_mod.", "model.", "gpt.", "vae."):
         if keys and all(k.startswith(prefix) for k in keys):
@@ -122,7 +122,7 @@ def explain(p: Plan, source: str, arch: str, alternatives: Mapping[str, Plan] | 
     lines = [f"{source} does not match --arch {arch}: {len(p.missing)} missing, {len(p.unexpected)} unexpected, "
              f"{len(p.mismatched)} mis-shaped tensors."]
     matching = [name for name, alt in (alternatives or {}).items() if alt.ok]
-    prefix = _common_prefix(p.unexpected) if p.unexpected else None
+    prefix = common_prefix(p.unexpected) if p.unexpected else None
     if prefix and len(p.missing) < len(p.unexpected):
         # Fewer missing than unexpected keys (optional buffers): blame the prefix only if removing it
         # names tensors the model expects.
@@ -142,16 +142,19 @@ def explain(p: Plan, source: str, arch: str, alternatives: Mapping[str, Plan] | 
                      "whose sizes differ from the checkpoint's.")
     elif p.missing or p.unexpected:
         lines.append("Likely cause: a different model or --arch (depth/block_chunks change key names).")
-    for key, expected, found in p.mismatched[:limit]:
-        lines.append(f"  shape  {key}: expected {list(expected)}, found {list(found)}")
-    for key in p.missing[:limit]:
-        lines.append(f"  missing  {key}")
-    for key in p.unexpected[:limit]:
-        lines.append(f"  unexpected  {key}")
-    hidden = max(0, len(p.mismatched) - limit) + max(0, len(p.missing) - limit) + max(0, len(p.unexpected) - limit)
+    return "\n".join(lines + problem_lines(p, limit))
+
+
+def problem_lines(p: Plan, limit: int = 12) -> list[str]:
+    """One line per mis-shaped, missing and unexpected tensor (at most `limit` of each), then a count."""
+    lines = [f"  shape  {key}: expected {list(expected)}, found {list(found)}" for key, expected, found
+             in p.mismatched[:limit]]
+    lines += [f"  missing  {key}" for key in p.missing[:limit]]
+    lines += [f"  unexpected  {key}" for key in p.unexpected[:limit]]
+    hidden = sum(max(0, len(problems) - limit) for problems in (p.mismatched, p.missing, p.unexpected))
     if hidden:
         lines.append(f"  ... and {hidden} more")
-    return "\n".join(lines)
+    return lines
 
 
 def check(p: Plan, source: str, arch: str, alternatives: Mapping[str, Plan] | None = None) -> None:

@@ -71,7 +71,7 @@ def _explain(p: strict.Plan, source: str, cfg: T5Config, keys=()) -> str:
     lines = [f"{source} does not match the T5 encoder its config.json describes ({cfg.num_layers} layers, "
              f"d_model {cfg.d_model}, {cfg.feed_forward_proj}): {len(p.missing)} missing, {len(p.unexpected)} "
              f"unexpected, {len(p.mismatched)} mis-shaped tensors."]
-    prefix = strict._common_prefix(p.unexpected)
+    prefix = strict.common_prefix(p.unexpected)
     has_t5_keys = any(k.startswith("encoder.block.") for k in p.unexpected) or len(p.missing) < len(p.rules)
     if prefix and not has_t5_keys:
         lines.append(f"Likely cause: every key starts with {prefix!r} (a wrapper); save the inner model instead.")
@@ -93,17 +93,7 @@ def _explain(p: strict.Plan, source: str, cfg: T5Config, keys=()) -> str:
     else:
         lines.append("Likely cause: config.json does not belong to these weights (layer count or feed-forward "
                      "type differ), or the weights are not an HF T5 checkpoint.")
-    limit = 12
-    for key, expected, found in p.mismatched[:limit]:
-        lines.append(f"  shape  {key}: expected {list(expected)}, found {list(found)}")
-    for key in p.missing[:limit]:
-        lines.append(f"  missing  {key}")
-    for key in p.unexpected[:limit]:
-        lines.append(f"  unexpected  {key}")
-    hidden = sum(max(0, len(x) - limit) for x in (p.mismatched, p.missing, p.unexpected))
-    if hidden:
-        lines.append(f"  ... and {hidden} more")
-    return "\n".join(lines)
+    return "\n".join(lines + strict.problem_lines(p))
 
 
 def _ffn_kind(keys: list[str]) -> str | None:

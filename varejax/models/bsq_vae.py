@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from varejax.models import state
+from varejax.models.config_base import ModelConfig, lookup_preset
 from varejax.models.layers import F32, dtype_of, param
 from varejax.models.patchify import pixel_shuffle, pixel_unshuffle
 from varejax.parallel import constrain
@@ -59,7 +60,7 @@ def group_count(channels: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(ModelConfig):
     """Architecture and numerics of the BSQ-VAE.
 
     Attributes:
@@ -77,6 +78,8 @@ class VAEConfig:
       compute_dtype: dtype of convolution inputs; GroupNorm, swish and the residual stream stay float32.
       matmul_precision: `jax.lax.Precision` of float32 convolutions ("highest" for parity on GPU/TPU).
     """
+
+    arch_fields = VAE_ARCH_FIELDS  # not a field: no annotation
 
     codebook_dim: int = 32
     patch_size: int = 16
@@ -133,22 +136,9 @@ class VAEConfig:
             raise ValueError(f"image size {(height, width)} is not a multiple of the patch size {self.patch_size}")
         return height // self.patch_size, width // self.patch_size
 
-    # ---- (de)serialisation ---------------------------------------------------------------------
-    def replace(self, **changes: Any) -> VAEConfig:
-        return dataclasses.replace(self, **changes)
-
+    # ---- (de)serialisation (replace, from_dict, arch_dict: ModelConfig) ---------------------------
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["ch_mult"] = list(self.ch_mult)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> VAEConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown VAEConfig fields: {unknown}")
-        return cls(**data)
+        return {**super().to_dict(), "ch_mult": list(self.ch_mult)}
 
     @classmethod
     def from_upstream(cls, vae_config: dict[str, Any], **overrides: Any) -> VAEConfig:
@@ -171,9 +161,6 @@ class VAEConfig:
         fields.update(overrides)
         return cls(**fields)
 
-    def arch_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in VAE_ARCH_FIELDS}
-
 
 VAE_PRESETS: dict[str, VAEConfig] = {
     # vae_type=32 of tools/run_infinity.py: infinity_vae_d32reg.pth (Infinity-2B).
@@ -187,10 +174,7 @@ VAE_PRESET_ALIASES = {"2b": "d32", "infinity_2b": "d32", "8b": "d14", "infinity_
 
 
 def get_vae_preset(name: str) -> VAEConfig:
-    key = VAE_PRESET_ALIASES.get(name, name)
-    if key not in VAE_PRESETS:
-        raise KeyError(f"unknown VAE preset {name!r}; known: {sorted(VAE_PRESETS) + sorted(VAE_PRESET_ALIASES)}")
-    return VAE_PRESETS[key]
+    return lookup_preset(name, VAE_PRESETS, VAE_PRESET_ALIASES, "VAE")
 
 
 def load_vae_arch(spec: str, **overrides: Any) -> VAEConfig:

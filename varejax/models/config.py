@@ -22,6 +22,8 @@ import dataclasses
 import json
 from typing import Any
 
+from varejax.models.config_base import ModelConfig, lookup_preset
+
 # Fields that fix the parameter shapes; everything else is numerics or training behaviour.
 ARCH_FIELDS = (
     "depth", "embed_dim", "num_heads", "mlp_ratio", "text_channels", "text_maxlen", "codebook_dim",
@@ -63,7 +65,7 @@ def _round_half_even(x: float) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class InfinityConfig:
+class InfinityConfig(ModelConfig):
     """Architecture and numerics of an Infinity transformer.
 
     Attributes:
@@ -97,6 +99,8 @@ class InfinityConfig:
         targets are mat_qkv, mat_kv and proj.
       lora_seed: seed of the deterministic initialisation of the `lora_a` factors.
     """
+
+    arch_fields = ARCH_FIELDS  # not a field: no annotation
 
     depth: int = 2
     embed_dim: int = 128
@@ -220,21 +224,7 @@ class InfinityConfig:
             return [0.0]
         return [self.drop_path_rate * i / (self.depth - 1) for i in range(self.depth)]
 
-    # ---- (de)serialisation ---------------------------------------------------------------------
-    def replace(self, **changes: Any) -> InfinityConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> InfinityConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown InfinityConfig fields: {unknown}")
-        return cls(**data)
-
+    # ---- (de)serialisation (replace, to_dict, from_dict, arch_dict: ModelConfig) ------------------
     @classmethod
     def from_upstream_kwargs(cls, kwargs: dict[str, Any], codebook_dim: int, **overrides: Any) -> InfinityConfig:
         """Builds a config from upstream `Infinity(**kwargs)` constructor arguments.
@@ -262,9 +252,6 @@ class InfinityConfig:
         fields.update(overrides)
         return cls(**fields)
 
-    def arch_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ARCH_FIELDS}
-
 
 PRESETS: dict[str, InfinityConfig] = {
     # tools/run_infinity.py load_transformer: depth 32, width 2048, 16 heads, 8 block chunks, d = 32.
@@ -284,10 +271,7 @@ PRESET_ALIASES = {"2b": "infinity_2b", "8b": "infinity_8b"}
 
 
 def get_preset(name: str) -> InfinityConfig:
-    key = PRESET_ALIASES.get(name, name)
-    if key not in PRESETS:
-        raise KeyError(f"unknown Infinity preset {name!r}; known: {sorted(PRESETS) + sorted(PRESET_ALIASES)}")
-    return PRESETS[key]
+    return lookup_preset(name, PRESETS, PRESET_ALIASES, "Infinity")
 
 
 def load_arch(spec: str, **overrides: Any) -> InfinityConfig:

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from varejax.models import state
+from varejax.models.config_base import ModelConfig
 from varejax.models.layers import F32, Dense, RMSNorm, gelu_tanh, param
 from varejax.parallel import constrain
 
@@ -39,7 +40,7 @@ ARCH_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "d_kv", "d_ff
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config:
+class T5Config(ModelConfig):
     """Architecture and numerics of a T5 encoder.
 
     Attributes:
@@ -57,6 +58,8 @@ class T5Config:
       compute_dtype: dtype of matmul inputs (norms, softmax and the residual stream stay float32).
       matmul_precision: `jax.lax.Precision` name for float32 matmuls ("highest" for parity).
     """
+
+    arch_fields = ARCH_FIELDS  # not a field: no annotation
 
     vocab_size: int = 200
     d_model: int = 64
@@ -94,23 +97,6 @@ class T5Config:
     @property
     def gated(self) -> bool:
         return self.feed_forward_proj.startswith("gated-")
-
-    def replace(self, **changes: Any) -> T5Config:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def arch_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ARCH_FIELDS}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> T5Config:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown T5Config fields: {unknown}")
-        return cls(**data)
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], **overrides: Any) -> T5Config:
