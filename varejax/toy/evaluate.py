@@ -35,13 +35,10 @@ def sampling_config(config):
 
 def generate_batched(pipeline, prompts: list[str], seeds: list[int], sampling, batch: int) -> np.ndarray:
     """uint8 images of `prompts` in fixed-size batches (the last one padded: one compilation)."""
-    out = []
-    for start in range(0, len(prompts), batch):
-        p, s = list(prompts[start:start + batch]), list(seeds[start:start + batch])
-        n = len(p)
-        p, s = p + [p[-1]] * (batch - n), s + [s[-1]] * (batch - n)
-        out.append(pipeline.generate(p, s, sampling, TOY_SCHEDULE)[:n])
-    return np.concatenate(out)
+    from varejax.batching import map_padded
+
+    return map_padded(lambda idx: pipeline.generate([prompts[i] for i in idx], [seeds[i] for i in idx], sampling,
+                                                    TOY_SCHEDULE), len(prompts), batch)
 
 
 def per_value(wanted: dict[str, np.ndarray], read: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:

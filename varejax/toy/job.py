@@ -13,13 +13,15 @@ Metrics (see README, "The toy world"):
 * erasure rate: share of concept prompts whose images do NOT show the concept, on seen prompts and on
   unseen paraphrases (the paraphrase family never appears in the erasure pairs);
 * preservation: oracle accuracy on the prompted attributes of prompts that do not ask for the concept;
-* toy FID: Frechet distance of oracle features between original and erased images of those prompts;
+* toy FID: Frechet distance of oracle features between original and erased images of those prompts, and
+  its noise floor (the original against itself with other seeds);
 * prompt following: the original model's accuracy on the prompted attributes of random prompts.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,15 +78,12 @@ def _random_set(name: str, n: int, seed: int) -> PromptSet:
 
 
 def _generate(pipeline, params, prompt_set: PromptSet, sampling, schedule, batch: int) -> np.ndarray:
-    out = []
-    for start in range(0, len(prompt_set.prompts), batch):
-        prompts = prompt_set.prompts[start:start + batch]
-        seeds = prompt_set.seeds[start:start + batch]
-        n = len(prompts)
-        prompts = prompts + [prompts[-1]] * (batch - n)  # full batches: one compiled sampler
-        seeds = seeds + [seeds[-1]] * (batch - n)
-        out.append(pipeline.generate(prompts, seeds, sampling, schedule, params=params)[:n])
-    return np.concatenate(out)
+    from varejax.batching import map_padded
+
+    # full batches: one compiled sampler
+    return map_padded(lambda idx: pipeline.generate([prompt_set.prompts[i] for i in idx],
+                                                    [prompt_set.seeds[i] for i in idx], sampling, schedule,
+                                                    params=params), len(prompt_set.prompts), batch)
 
 
 def _shows(predicted: dict[str, np.ndarray], concept: str) -> np.ndarray:
@@ -101,6 +100,9 @@ def erasure_pairs(config: Any) -> dict[str, list[PromptPair]]:
                                    int(config.toy.pairs_seed) + 1000 * i)
         out[concept] = [PromptPair(p.prompt, p.anchor, concept, f"toy:{concept}:{k}") for k, p in enumerate(pairs)]
     return out
+
+
+RESAMPLE_SEED_OFFSET = 1_000_000  # seeds of the noise-floor resample: disjoint from every prompt set's
 
 
 class ToyBench:
@@ -141,6 +143,18 @@ class ToyBench:
 
     def all_images(self, params: Any) -> dict[str, np.ndarray]:
         return {name: self.images(params, s) for name, s in self.sets.items()}
+
+    def toy_fid_noise_floor(self, params: Any, others: np.ndarray) -> float:
+        """Toy FID between `others` (images of the "others" prompts by `params`) and a second sample of the
+        same prompts by the same parameters with other seeds: what a model that changed nothing scores
+        (sampling noise), the reference for an erased model's toy FID."""
+        from varejax.toy.oracle import features as oracle_features
+
+        base = self.sets["others"]
+        resampled = PromptSet(base.name, base.prompts, base.wanted, base.seeds[0] + RESAMPLE_SEED_OFFSET)
+        again = self.images(params, resampled)
+        return frechet_distance(np.asarray(oracle_features(self.oracle, others)),
+                                np.asarray(oracle_features(self.oracle, again)))
 
     def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
         from varejax.toy.oracle import classify_batched
@@ -202,8 +216,13 @@ def run_toy_job(config: Any, workdir: str | Path, *, verbose: bool = True) -> di
     after = bench.all_images(result.params)
     # After the erasure on purpose: the trainer must leave the preloaded base parameters valid.
     following = bench.prompt_following(bench.base_params)
-    results = {**bench.measure(before, after), **following, "train_steps": int(config.train.steps),
-               "wall_time_s": round(time.time() - start, 1)}
+    noise_floor = bench.toy_fid_noise_floor(bench.base_params, before["others"])
+    results = {**bench.measure(before, after), **following, "toy_fid_noise_floor": noise_floor,
+               "train_steps": int(config.train.steps),
+               "wall_time_s": round(time.time() - start, 1),
+               # What produced these numbers, so that README figures can cite a re-runnable command.
+               "command": " ".join(["varejax", *sys.argv[1:]]) if sys.argv else "",
+               "config": config.to_dict() if hasattr(config, "to_dict") else None}
     (workdir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     _write_report(workdir, results, bench.sets, before, after, bench.concepts)
     if verbose:
@@ -218,6 +237,7 @@ def summary_table(results: dict[str, Any]) -> str:
              results["erasure_rate_paraphrase_after"]],
             ["preservation (other prompts)", results["preservation_before"], results["preservation_after"]],
             ["toy FID (original vs erased)", "", results["toy_fid"]],
+            ["toy FID noise floor (original, other seeds)", "", results["toy_fid_noise_floor"]],
             ["prompt following (original)", results["prompt_following"], ""]]
     return text_table(["metric", "before", "after"], rows) + f"\nwall time {results['wall_time_s']:.0f} s"
 
@@ -235,6 +255,7 @@ def _write_report(workdir: Path, results, sets, before, after, concepts) -> None
                  ["preservation (prompts without the concept)", results["preservation_before"],
                   results["preservation_after"]],
                  ["toy FID, original vs erased (other prompts)", "", results["toy_fid"]],
+                 ["toy FID noise floor: original vs itself, other seeds", "", results["toy_fid_noise_floor"]],
                  ["prompt following of the original model", results["prompt_following"], ""]]), ""]
     if len(concepts) > 1:
         lines += ["Per concept:", "", markdown_table(

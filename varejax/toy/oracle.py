@@ -108,10 +108,11 @@ def bind(params: nnx.State) -> OracleCNN:
 
 
 def as_float(images: jax.Array) -> jax.Array:
-    """uint8 -> float32 in [-1, 1] (2 x / 255 - 1); float images are taken as already in [-1, 1]."""
+    """uint8 -> float32 in [-1, 1] (`images.to_float`); float images are taken as already in [-1, 1]."""
+    from varejax import images as image_io
+
     if images.dtype == jnp.uint8:
-        x = images.astype(jnp.float32) / 255.0
-        return x + x - 1.0
+        return image_io.to_float(images)
     return images.astype(jnp.float32)
 
 
@@ -135,16 +136,11 @@ def features(params: nnx.State, images: jax.Array) -> jax.Array:
 
 def classify_batched(params: nnx.State, images: np.ndarray, batch: int = 256) -> dict[str, np.ndarray]:
     """`classify` over a large array in fixed-size batches (one compilation), as numpy arrays."""
-    out = {name: [] for name in world.ATTRIBUTE_NAMES}
-    for start in range(0, len(images), batch):
-        chunk = images[start:start + batch]
-        n = len(chunk)
-        if n < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
-        ids = classify(params, chunk)
-        for name in out:
-            out[name].append(np.asarray(ids[name])[:n])
-    return {name: np.concatenate(v) if v else np.zeros(0, np.int32) for name, v in out.items()}
+    from varejax.batching import map_padded
+
+    if len(images) == 0:
+        return {name: np.zeros(0, np.int32) for name in world.ATTRIBUTE_NAMES}
+    return map_padded(lambda idx: classify(params, images[idx]), len(images), batch)
 
 
 def accuracy(params: nnx.State, images: np.ndarray, labels: dict[str, np.ndarray], batch: int = 256

@@ -223,14 +223,9 @@ def refine_decoder(config, vae_cfg, vae_params, codes: np.ndarray, images_u8: np
 def map_batches(fn: Callable[[jax.Array], jax.Array], array: np.ndarray, batch: int = 128) -> np.ndarray:
     """`fn` over `array` in full batches of `batch` (the last one padded by repetition: one compiled shape),
     results concatenated as numpy, padding dropped."""
-    out = []
-    for start in range(0, len(array), batch):
-        chunk = array[start:start + batch]
-        n = len(chunk)
-        if n < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
-        out.append(np.asarray(fn(jnp.asarray(chunk)))[:n])
-    return np.concatenate(out)
+    from varejax.batching import map_padded
+
+    return map_padded(lambda idx: fn(jnp.asarray(array[idx])), len(array), batch)
 
 
 def summed_codes(raw_NhwD: np.ndarray, batch: int = 128) -> np.ndarray:
