@@ -200,3 +200,16 @@ def convert_vae(folder: str | Path, out: str) -> None:
 def patchify(cfg: dict) -> bool:
     """Whether the fixture's transformer uses 2x2 spatial patchify (Infinity-8B style)."""
     return bool(cfg.get("infinity_constructor_kwargs", {}).get("apply_spatial_patchify", 0))
+
+
+def main() -> int:
+    """`python -m tests.fixtures`: prints the fixture counts; exit status 1 when the suite would fail on them."""
+    line, problems = summary()
+    print(line)
+    for problem in problems:
+        print(f"FAIL: {problem}")
+    return 1 if problems and not missing_allowed() else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
