@@ -190,6 +190,30 @@ def test_shipped_models_follow_prompts():
         assert _agrees_within_sampling_error(hits[name], n, rate, recorded["n"] * len(families)), (name, hits, rate)
 
 
+def test_toy_eval_command_writes_per_value_accuracy(tmp_path):
+    """`varejax toy eval` re-runs the evaluation on the shipped folders and writes evaluation.json with the
+    accuracy per family and attribute, and per prompted value with what the oracle read instead."""
+    from varejax.cli import main
+
+    _assets()
+    assert main(["toy", "eval", "--workdir", str(tmp_path), "--config", str(ROOT / "configs" / "toy_train.py"),
+                 "--config.eval.n=4", "--config.eval.n_circle=2", "--config.eval.batch_size=4"]) == 0
+    record = json.loads((tmp_path / "evaluation.json").read_text())
+    assert record["command"].startswith("varejax toy eval") and "--config.eval.n=4" in record["command"]
+    following = record["prompt_following"]
+    assert set(following["all_said"]) == set(world.FAMILIES) and set(following["circle"]) == set(world.FAMILIES)
+    for name, values in world.ATTRIBUTES.items():
+        rows = following["per_value"][name]
+        assert set(rows) == {world.value_name(v) for v in values}
+        # every image of both families is counted once, under the value its prompt asked for
+        assert sum(row["n"] for row in rows.values()) == 2 * 4
+        assert all(sum(row["read_as"].values()) == row["n"] for row in rows.values())
+        hits = sum(row["read_as"].get(value, 0) for value, row in rows.items())
+        mean_all_said = np.mean([following["all_said"][f][name] for f in world.FAMILIES])
+        assert hits / 8 == pytest.approx(mean_all_said)
+    assert (tmp_path / "samples.png").stat().st_size > 1000
+
+
 def test_shipped_world_is_what_the_default_config_trains():
     """world.json records the config its models were trained with: the default of configs/toy_train.py
     (so `varejax toy train --config.install=True` reproduces the shipped assets)."""
