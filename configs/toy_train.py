@@ -3,6 +3,7 @@
     varejax toy train --workdir runs/toy                          # ~40 min on 2 CPU cores
     varejax toy train --workdir runs/toy --config.install=True    # and replace varejax/toy/assets/
     varejax toy train --workdir /tmp/t --config configs/toy_train.py:smoke   # tiny models, seconds
+    varejax toy eval --workdir runs/toy_eval [--models runs/toy/models]     # only the evaluation (config.eval)
 
 The shipped assets are what this config (seed 0) produces with `--config.install=True`; world.json records
 the config and every stage's time. Two choices make the training fit on a CPU (README, "The toy world"):
