@@ -61,12 +61,15 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs a parsed convert command; user errors print one clear message and exit with status 2."""
+    """Runs a parsed convert command.
+
+    User errors (an unreadable or mismatched checkpoint, a bad --arch, an existing --out folder) print one
+    line and exit with status 2; anything else is a bug and keeps its traceback.
+    """
     from varejax.checkpoint import ModelDirError
 
     try:
         return args.run(args)
-    except (CheckpointError, ModelDirError, KeyError, ValueError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)
+    except (CheckpointError, ModelDirError) as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ import dataclasses
 import time
 
 from varejax.convert import strict
-from varejax.convert.common import ConversionReport, finish, plan_report
+from varejax.convert.common import ConversionReport, finish, plan_report, resolve_arch
 from varejax.convert.sources import CheckpointSource, open_checkpoint
 from varejax.convert.vae_keys import normalise_key_names, vae_rules
 from varejax.models.bsq_vae import VAE_PRESETS, VAEConfig, load_vae_arch
@@ -75,7 +75,7 @@ def convert_vae(src: str, arch: str, out: str | None, *, dry_run: bool = False, 
       CheckpointError (ConversionError): unreadable file, or keys/shapes/buffers that do not match `arch`.
     """
     start = time.time()
-    cfg = load_vae_arch(arch, param_dtype=param_dtype)
+    cfg = resolve_arch(load_vae_arch, arch, param_dtype=param_dtype)
     source = open_checkpoint(src, WRAPPERS)
     p, source = plan_vae(source, cfg, arch)
     if dry_run:
