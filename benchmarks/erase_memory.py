@@ -7,7 +7,7 @@ lowers and compiles the jitted official iteration (erase step + preserve step, d
 configured mesh, and prints XLA's memory analysis per device as JSON. With
 `--config.baseline_remat_toggled=True` the same step is also compiled with remat flipped and the ratio
 is printed (a baseline measured in the same run). Fake a mesh of N CPU devices with
-XLA_FLAGS=--xla_force_host_platform_device_count=N (the script sets it from the mesh size).
+XLA_FLAGS=--xla_force_host_platform_device_count=N (the script sets it from config.mesh.shape).
 """
 
 from __future__ import annotations
@@ -16,21 +16,19 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
 
-def _configure_devices(argv: list[str]) -> None:
-    """XLA must know the device count before JAX starts: read the mesh shape from the overrides."""
-    import ast
-    shape = (1, 1, 1)
-    for arg in argv:
-        if arg.startswith("--config.mesh.shape="):
-            shape = ast.literal_eval(arg.split("=", 1)[1])
-    count = math.prod(s for s in shape if s > 0)
+def _configure_devices(mesh_shape: tuple[int, ...]) -> None:
+    """A fake CPU device per mesh slot. Runs before any device is touched: XLA reads its flags when
+    the backend starts, not when JAX is imported."""
+    import jax
+
+    count = math.prod(s for s in mesh_shape if s > 0)
     flag = f"--xla_force_host_platform_device_count={count}"
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if not os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", "cpu")
 
 
 def estimate(config, remat: bool) -> dict:
@@ -85,13 +83,12 @@ def estimate(config, remat: bool) -> dict:
 
 
 def main() -> None:
-    _configure_devices(sys.argv[1:])
-    from varejax.configlib import load_config
+    from varejax.configlib import parse_config_args
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/erase_memory.py:2b")
-    args, overrides = parser.parse_known_args()
-    config = load_config(args.config, [o[2:] for o in overrides])
+    _, config = parse_config_args(parser)
+    _configure_devices(tuple(config.mesh.shape))
     result = {"size": config.size, "mode": config.mode, "measured": estimate(config, bool(config.numerics.remat))}
     if config.baseline_remat_toggled:
         base = estimate(config, not config.numerics.remat)

@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from varejax.configlib import load_config, rules_tuple
+from varejax.configlib import parse_config_args, rules_tuple
 from varejax.models import apply, bit_loss, schedules
 from varejax.models.config import get_preset
 from varejax.parallel import batch_sharding, make_mesh, shard_state, sharding_context
@@ -54,8 +54,7 @@ def time_step(cfg, config, schedule):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/forward_benchmark.py:tiny")
-    args, overrides = parser.parse_known_args()
-    config = load_config(args.config, overrides)
+    _, config = parse_config_args(parser)
     cfg = get_preset(config.model_preset).replace(**config.numerics)
     schedule = schedules.get_schedule(config.h_div_w, config.pn)
     measured = time_step(cfg, config, schedule)

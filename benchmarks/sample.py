@@ -22,7 +22,7 @@ import time
 import jax
 import numpy as np
 
-from varejax.configlib import load_config
+from varejax.configlib import parse_config_args
 from varejax.models import apply, bsq_vae, schedules
 from varejax.models.config import get_preset
 from varejax.sample.sampler import SamplingConfig, generate_jit
@@ -107,8 +107,7 @@ def upstream(config, cfg, schedule, text, mask, path):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/sample_benchmark.py:tiny")
-    args, overrides = parser.parse_known_args()
-    config = load_config(args.config, [o[2:] if o.startswith("--") else o for o in overrides])
+    _, config = parse_config_args(parser)
     cfg = get_preset(config.model_preset).replace(compute_dtype=config.compute_dtype,
                                                   block_chunks=get_preset(config.model_preset).block_chunks)
     schedule = schedules.get_schedule(config.h_div_w, config.pn)

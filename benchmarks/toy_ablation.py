@@ -43,7 +43,7 @@ VARIANTS = [
 
 
 def main() -> None:
-    from varejax.configlib import load_config
+    from varejax.configlib import load_config, parse_args
     from varejax.erase.trainer import prepare_erase, run_erase
     from varejax.eval.report import markdown_table, text_table
     from varejax.toy.job import ToyBench, write_pair_files
@@ -52,8 +52,8 @@ def main() -> None:
     parser.add_argument("--config", default="configs/toy_circle.py")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
-    args, overrides = parser.parse_known_args()
-    config = load_config(args.config, [o[2:] for o in overrides])
+    args, overrides = parse_args(parser)
+    config = load_config(args.config, overrides)
     workdir = Path(args.workdir)
     start = time.time()
     bench = ToyBench(config, workdir)
@@ -78,7 +78,7 @@ def main() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (run_dir / "trajectories").exists():
             os.symlink((workdir / "shared" / "trajectories").absolute(), run_dir / "trajectories")
-        variant = load_config(args.config, [o[2:] for o in overrides])
+        variant = load_config(args.config, overrides)
         variant.pairs, variant.schedule = config.pairs, config.schedule
         variant.train.erase_loss, variant.train.mode, variant.train.alpha = loss, mode, alpha
         result = run_erase(variant, run_dir, models=bench.models())

@@ -20,7 +20,7 @@ from varejax.configlib import load_config
 from varejax.data.pairs import PromptPair, write_pairs
 from varejax.erase import optim
 from varejax.erase.export import apply_delta, delta_tensors
-from varejax.erase.trainer import NonFiniteLossError, run_erase
+from varejax.erase.trainer import NonFiniteLossError, prepare_erase, run_erase
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "erase.py")
@@ -115,7 +115,7 @@ def test_trajectories_and_validation_images(finished_run):
     real = prepare_module.generate_jit
     prepare_module.generate_jit = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:
-        run_erase(config, result.workdir, phase="prepare")
+        prepare_erase(config, result.workdir)
     finally:
         prepare_module.generate_jit = real
     assert calls == [] and [f.stat().st_mtime_ns for f in files] == stamps

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 import varejax
+from varejax.errors import UserError
 from varejax.models import apply, bsq_vae, lora, t5
 from varejax.models.config import LORA_FIELDS, InfinityConfig
 from varejax.models.state import fill_state, flat_params
@@ -53,7 +54,7 @@ _WRITERS = {"infinity": "`varejax convert infinity`, `varejax erase` or `varejax
             "oracle": "`varejax toy train`"}
 
 
-class ModelDirError(Exception):
+class ModelDirError(UserError):
     """A model folder is missing, incomplete, or does not match what the caller expects."""
 
 

@@ -3,6 +3,10 @@
     varejax convert infinity --src infinity_2b_reg.pth --arch 2b --out models/infinity_2b
     varejax sample --config configs/sample.py --workdir runs/sample --config.prompts="('a fox',)"
     varejax toy train --workdir runs/toy
+    varejax config show --config configs/erase.py:church --config.train.steps=100
+
+Errors: a `varejax.errors.UserError` (a bad file, config or argument) prints one line `error: ...` and
+exits with status 2; any other exception is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -10,16 +14,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from varejax import configlib
 from varejax.convert import cli as convert_cli
 from varejax.erase import cli as erase_cli
+from varejax.errors import UserError
 from varejax.sample import cli as sample_cli
 from varejax.toy import cli as toy_cli
 
-# Stages configured by `--config file.py --config.field=value` (ml_collections); unknown args are overrides.
-CONFIG_STAGES = ("sample", "erase", "toy")
-
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand (each sets `run(args, overrides) -> exit status`)."""
     parser = argparse.ArgumentParser(prog="varejax", description="Concept erasure for Infinity, in JAX.")
     from varejax import __version__
     parser.add_argument("--version", action="version", version=f"varejax {__version__}")
@@ -28,34 +32,37 @@ def build_parser() -> argparse.ArgumentParser:
     sample_cli.add_parser(stages)
     erase_cli.add_parser(stages)
     toy_cli.add_parser(stages)
+    _add_config_parser(stages)
     return parser
 
 
+def _add_config_parser(stages: argparse._SubParsersAction) -> None:
+    parser = stages.add_parser("config", help="print a config fully resolved (defaults and overrides applied)",
+                               description="varejax config show --config FILE[:arg] [--config.x=y ...]: prints the "
+                                           "config a stage would run, every field resolved, as JSON.")
+    actions = parser.add_subparsers(dest="config_action", required=True, metavar="ACTION")
+    show = actions.add_parser("show", help="print the resolved config as JSON")
+    show.add_argument("--config", required=True, help="config file[:arg], e.g. configs/erase.py:church")
+    show.set_defaults(run=_show_config)
+
+
+def _show_config(args: argparse.Namespace, overrides: list[str]) -> int:
+    print(configlib.resolved_json(configlib.load_config(args.config, overrides)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    # Config overrides are taken out first: argparse would read a value with spaces as a positional.
-    overrides = [a[2:] for a in argv if a.startswith("--config.")]
-    argv = [a for a in argv if not a.startswith("--config.")]
+    """Runs one `varejax` command; returns its exit status (2 and one line on stderr for a user error)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.stage == "convert":
-        if overrides:
-            parser.error("convert takes no --config.* overrides")
-        return convert_cli.run(args)
-    return _run_config_stage(args, overrides)
-
-
-def _run_config_stage(args, overrides: list[str]) -> int:
-    """Runs a config-driven stage; user errors (bad config, missing files) give one line and status 2."""
-    from varejax.checkpoint import ModelDirError
-    from varejax.convert.sources import CheckpointError
-    from varejax.erase.trainer import NonFiniteLossError
-
+    args, overrides = configlib.parse_args(parser, argv)
     try:
+        if args.stage == "convert":
+            if overrides:
+                parser.error("convert takes no --config.* overrides")
+            return convert_cli.run(args)
         return args.run(args, overrides)
-    except (FileNotFoundError, KeyError, ValueError, CheckpointError, ModelDirError, NonFiniteLossError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
 
 

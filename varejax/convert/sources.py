@@ -27,10 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from varejax.errors import UserError
+
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint cannot be read or does not match the expected model; the message says why."""
 
 

@@ -19,6 +19,8 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 
+from varejax.errors import UserError
+
 FIELD_SCHEMES: tuple[tuple[str, str, str], ...] = (
     ("varejax", "target", "anchor"),
     ("S-VARE", "original_prompt", "modified_prompt"),
@@ -26,7 +28,7 @@ FIELD_SCHEMES: tuple[tuple[str, str, str], ...] = (
 )
 
 
-class PairFileError(ValueError):
+class PairFileError(UserError, ValueError):
     """A prompt-pair file is unreadable or has a bad row; the message names file and line."""
 
 

@@ -14,7 +14,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("erase", help="S-VARE concept erasure (prepare trajectories, train, export)",
                                    description=__doc__)
     parser.add_argument("phase", nargs="?", default="all", choices=("all", "prepare", "train"),
-                        help="prepare = only the VARE anchor trajectories; train = prepare if needed, then train")
+                        help="prepare = only the VARE anchor trajectories (resumable); train and all = prepare what is "
+                             "missing, train (resuming from the last checkpoint), export")
     parser.add_argument("--config", default=None,
                         help="config file[:arg] (default: the embedded toy-world job, as configs/toy_circle.py)")
     parser.add_argument("--workdir", required=True, help="run folder (re-running resumes)")
@@ -23,26 +24,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from varejax.configlib import load_config
-    from varejax.erase.trainer import run_erase
+    from varejax.errors import ConfigError
 
-    if args.config is None:
-        from varejax.configlib import apply_overrides
-        from varejax.toy.job import main_job_config
-        config = apply_overrides(main_job_config().lock(), overrides, "the embedded toy config")
-    else:
-        config = load_config(args.config, overrides)
+    config = load_config(args.config, overrides, default=_embedded_toy_config)
     if "toy" in config:  # the embedded toy world: erase, sample before/after, evaluate, report
         if args.phase != "all":
-            raise ValueError("toy-world configs run the whole job; drop the phase argument")
+            raise ConfigError("toy-world configs run the whole job; drop the phase argument")
         from varejax.toy.job import run_toy_job
         run_toy_job(config, args.workdir)
         return 0
+    from varejax.erase.trainer import prepare_erase, run_erase
+
     config_dir = os.path.dirname(os.path.abspath(args.config.partition(":")[0]))
-    result = run_erase(config, args.workdir, phase="prepare" if args.phase == "prepare" else "all",
-                       config_dir=config_dir)
-    if result is None:
+    if args.phase == "prepare":
+        prepare_erase(config, args.workdir, config_dir=config_dir)
         print(f"trajectories in {args.workdir}/trajectories")
-    else:
-        print(f"{result.steps} steps in {result.seconds:.0f}s; erased model in {args.workdir}/model, "
-              f"deltas in {args.workdir}/delta.safetensors")
+        return 0
+    result = run_erase(config, args.workdir, config_dir=config_dir)
+    print(f"{result.steps} steps in {result.seconds:.0f}s; erased model in {args.workdir}/model, "
+          f"deltas in {args.workdir}/delta.safetensors")
     return 0
+
+
+def _embedded_toy_config():
+    from varejax.toy.job import main_job_config
+
+    return main_job_config().lock()

@@ -2,12 +2,17 @@
 
     varejax erase --config configs/erase.py:church --workdir runs/church \
         --config.model.infinity=models/infinity_2b --config.model.t5=models/flan_t5_xl
+    varejax erase prepare --config ... --workdir runs/church     # only the trajectories
+
+In code: `run_erase(config, workdir)` = `setup_erase` (mesh, models, pairs) -> `prepare` (trajectories)
+-> `train` (the loop) -> export; `prepare_erase(config, workdir)` stops after the trajectories.
 
 Workdir layout:
 
     trajectories/NNNNNN.npz   VARE anchor trajectories (prepare phase, resumable)
     text_cache/               T5 features of every prompt (sweeps reuse it)
-    checkpoints/              orbax: trainable params + optimiser state every `checkpoint_every` steps
+    checkpoints/              orbax: trainable params + optimiser state every `checkpoint_every` steps,
+                              stored by name (see varejax.erase.checkpoints)
     metrics.jsonl, tb/        per-step metrics (JSONL and TensorBoard)
     validation/step_NNNNNN.png  images of `validation.prompts` (when a tokenizer is configured)
     model/                    the erased model (a varejax model folder, `varejax sample` reads it)
@@ -37,6 +42,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,20 +51,30 @@ import numpy as np
 
 from varejax.data.pairs import PromptPair, pool_pairs, read_pairs
 from varejax.erase import optim
+from varejax.erase.checkpoints import Checkpoints
 from varejax.erase.data import TrajectoryBatches, text_length
+from varejax.erase.losses import ERASE_LOSSES
 from varejax.erase.prepare import TrajectoryConfig, prepare_trajectories
 from varejax.erase.step import SvareConfig, alternating_update, erase_update, jit_step, summed_update
+from varejax.errors import ConfigError, UserError
 from varejax.models import lora, schedules
 
+# config.train.mode -> the update of one training step
+UPDATES = {"alternating": alternating_update, "summed": summed_update, "erase_only": erase_update}
 
-class NonFiniteLossError(RuntimeError):
+
+class NonFiniteLossError(UserError, RuntimeError):
     """A loss became NaN or inf; the run stopped and kept its last good checkpoint."""
 
 
 # ---- config -> typed settings ---------------------------------------------------------------------
 
 def svare_config(config: Any) -> SvareConfig:
+    """The typed training settings of `config.train`, checked (a bad mode, loss or trainable set fails here)."""
     t = config.train
+    for field, known in (("mode", UPDATES), ("erase_loss", ERASE_LOSSES), ("trainable", optim.TRAINABLE_MODES)):
+        if t[field] not in known:
+            raise ConfigError(f"config.train.{field} must be one of {sorted(known)}, not {t[field]!r}")
     ocfg = optim.OptimConfig(learning_rate=float(t.learning_rate), b1=float(t.b1), b2=float(t.b2), eps=float(t.eps),
                              weight_decay=float(t.weight_decay), max_grad_norm=float(t.max_grad_norm),
                              trainable=str(t.trainable))
@@ -75,7 +91,7 @@ def training_overrides(config: Any) -> dict[str, Any]:
         out["param_dtype"] = "bfloat16"
     if str(t.trainable) == "lora":
         if int(t.lora_rank) <= 0:
-            raise ValueError(f"config.train.trainable = 'lora' needs config.train.lora_rank > 0, not {t.lora_rank}")
+            raise ConfigError(f"config.train.trainable = 'lora' needs config.train.lora_rank > 0, not {t.lora_rank}")
         out.update(lora_rank=int(t.lora_rank), lora_alpha=float(t.lora_alpha),
                    lora_targets=t.lora_targets if isinstance(t.lora_targets, str) else tuple(t.lora_targets),
                    lora_seed=int(config.seed))
@@ -88,6 +104,7 @@ def model_overrides(config: Any) -> dict[str, Any]:
 
 
 def trajectory_config(config: Any) -> TrajectoryConfig:
+    """The typed settings of the VARE trajectory sampling (`config.prepare`)."""
     p = config.prepare
     return TrajectoryConfig(guidance=float(p.guidance), tau=float(p.tau), top_k=int(p.top_k), top_p=float(p.top_p),
                             seed=int(p.seed), same_seed_for_all_pairs=bool(p.same_seed_for_all_pairs),
@@ -106,46 +123,8 @@ def load_pairs(config: Any, config_dir: str | None = None) -> list[PromptPair]:
             pairs = pairs[: config.max_pairs_per_concept]
         groups.append(pairs)
     if not groups:
-        raise ValueError("config.pairs is empty: give at least one pair file (JSONL or CSV)")
+        raise ConfigError("config.pairs is empty: give at least one pair file (JSONL or CSV)")
     return pool_pairs(groups, seed=config.seed)
-
-
-# ---- checkpoints ----------------------------------------------------------------------------------
-
-class Checkpoints:
-    """Orbax checkpoints of (trainable params, optimiser state); the step number is the data state."""
-
-    def __init__(self, directory: str | os.PathLike, keep: int = 2):
-        import orbax.checkpoint as ocp
-
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(),
-                                             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
-
-    @staticmethod
-    def _flat(state: Any) -> dict[str, Any]:
-        return {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(state))}
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
-    def save(self, step: int, state: Any) -> None:
-        import orbax.checkpoint as ocp
-
-        self.manager.save(step, args=ocp.args.StandardSave(self._flat(state)), force=True)
-        self.manager.wait_until_finished()
-
-    def restore(self, step: int, like: Any) -> Any:
-        """Restores into the structure (and shardings) of `like`."""
-        import orbax.checkpoint as ocp
-
-        leaves, treedef = jax.tree.flatten(like)
-        abstract = {f"{i:05d}": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
-                    for i, x in enumerate(leaves)}
-        restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        return jax.tree.unflatten(treedef, [restored[f"{i:05d}"] for i in range(len(leaves))])
-
-    def close(self) -> None:
-        self.manager.close()
 
 
 # ---- metrics --------------------------------------------------------------------------------------
@@ -192,7 +171,7 @@ class MetricsLog:
             self.tb.close()
 
 
-# ---- the run --------------------------------------------------------------------------------------
+# ---- the run: setup -> prepare -> train -> export ---------------------------------------------------
 
 @dataclasses.dataclass
 class ErasureResult:
@@ -207,6 +186,194 @@ class ErasureResult:
     seconds: float
 
 
+@dataclasses.dataclass
+class ErasureSetup:
+    """What `setup_erase` builds once and the prepare, train and export stages share.
+
+    `params` are the parameters before training. Preloaded ones (`models=`) belong to the caller and are
+    never donated (training runs on a copy); parameters loaded from `config.model.infinity` are donated
+    to the first training step (`train` clears this field when it takes them).
+    """
+
+    workdir: Path
+    mesh: Any
+    rules: tuple
+    cfg: Any  # the model config with the training options applied (LoRA adapters, bf16 storage)
+    params: Any
+    encode_text: Callable[[list[str]], tuple[Any, Any]]
+    schedule: schedules.Schedule
+    pairs: list[PromptPair]
+    preloaded: bool
+
+
+def setup_erase(config: Any, workdir: str | os.PathLike, *, models: Any = None,
+                config_dir: str | None = None) -> ErasureSetup:
+    """Starts JAX (multi-host too), makes the mesh, loads (or adapts the preloaded) models and the pairs.
+
+    Args:
+      config: an erase config (see configs/erase.py; `varejax config show` prints one resolved).
+      workdir: run folder (created; re-used to resume).
+      models: optional preloaded (cfg, params, encode_text) instead of loading `config.model.*`.
+      config_dir: folder that relative pair-file paths are read from when not found as given.
+    """
+    from varejax.configlib import rules_tuple
+    from varejax.parallel import make_mesh
+    from varejax.parallel.distributed import initialize
+
+    initialize()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = make_mesh(tuple(config.mesh.shape))
+    rules = rules_tuple(config.mesh.rules)
+    if models is None:
+        cfg, params, encode_text = _load_models(config, workdir, mesh, rules)
+    else:  # preloaded: add the adapters / bf16 storage the training options ask for
+        cfg, params, encode_text = models
+        wanted = cfg.replace(**training_overrides(config))
+        if wanted != cfg:
+            params = lora.retarget(cfg, params, wanted, mesh=mesh, rules=rules)
+            cfg = wanted
+    schedule = schedules.as_schedule(config.schedule) if config.schedule else schedules.get_schedule(
+        config.h_div_w, config.pn)
+    return ErasureSetup(workdir, mesh, rules, cfg, params, encode_text, schedule, load_pairs(config, config_dir),
+                        preloaded=models is not None)
+
+
+def prepare(config: Any, run: ErasureSetup) -> list[Path]:
+    """Samples the VARE anchor trajectories this process owns (skipping finished files); returns all paths."""
+    from varejax.parallel import sharding_context
+    from varejax.parallel.distributed import is_main_process
+
+    with sharding_context(run.mesh, run.rules):
+        return prepare_trajectories(run.pairs, params=run.params, cfg=run.cfg, encode_text=run.encode_text,
+                                    schedule=run.schedule, tcfg=trajectory_config(config),
+                                    out_dir=run.workdir / "trajectories", progress=is_main_process())
+
+
+def prepare_erase(config: Any, workdir: str | os.PathLike, *, models: Any = None,
+                  config_dir: str | None = None) -> list[Path]:
+    """`varejax erase prepare`: only the VARE trajectories of `config` in `workdir/trajectories` (resumable).
+
+    Returns the trajectory files (on multi-host runs, other processes write their share).
+    """
+    return prepare(config, setup_erase(config, workdir, models=models, config_dir=config_dir))
+
+
+def run_erase(config: Any, workdir: str | os.PathLike, *, models: Any = None,
+              config_dir: str | None = None) -> ErasureResult:
+    """`varejax erase`: prepare what is missing, train (resuming from the last checkpoint), export.
+
+    Arguments as `setup_erase`. Writes the workdir layout of this module's docstring.
+    """
+    start_time = time.time()
+    run = setup_erase(config, workdir, models=models, config_dir=config_dir)
+    files = prepare(config, run)
+    _wait_for_files(files)
+    scfg = svare_config(config)
+    params = train(config, run, files, scfg)
+    original = _original_params(config, run, params, scfg)
+    _export(config, run.workdir, run.cfg, params, original, scfg)
+    return ErasureResult(run.cfg, params, original, int(config.train.steps), run.workdir, run.pairs,
+                         time.time() - start_time)
+
+
+def train(config: Any, run: ErasureSetup, files: list[Path], scfg: SvareConfig) -> Any:
+    """The S-VARE training loop: resumes from the last checkpoint, checkpoints, logs, validates.
+
+    Returns the trained parameters (the whole model). Loaded (not preloaded) parameters are donated to
+    the step: `run.params` is cleared.
+
+    Raises:
+      NonFiniteLossError: a loss became NaN or inf (the last good checkpoint is kept).
+    """
+    from tqdm import tqdm
+
+    from varejax.parallel import sharding_context
+    from varejax.parallel.distributed import is_main_process
+
+    train_cfg = run.cfg.replace(cond_drop_rate=float(config.train.cond_drop_rate),
+                                drop_path_rate=float(config.train.drop_path_rate), remat=bool(config.train.remat))
+    step_fn = jit_step(UPDATES[config.train.mode], donate=True)
+    batches = TrajectoryBatches(files, int(config.train.batch_size), int(config.seed), text_length(files),
+                                jax.process_index(), jax.process_count())
+    if run.preloaded:  # the step donates its inputs: keep the caller's parameters valid
+        params = jax.tree.map(lambda x: x.copy(), run.params)
+    else:
+        params, run.params = run.params, None
+    with sharding_context(run.mesh, run.rules):
+        opt_state = jax.jit(lambda p: optim.init_opt_state(p, scfg.optim))(params)
+    checkpoints = Checkpoints(run.workdir / "checkpoints")
+    metrics_log = MetricsLog(run.workdir, enabled=is_main_process())
+    total = int(config.train.steps)
+    base_key = jax.random.key(int(config.seed))
+    try:
+        params, opt_state, first_step = _resume(checkpoints, metrics_log, params, opt_state, scfg)
+        validation = _validation(config, run.workdir, train_cfg, run.schedule, run.encode_text, run.mesh, run.rules)
+        if first_step == 0 and validation is not None:
+            validation(0, params)
+        progress = tqdm(range(first_step, total), desc="S-VARE", unit="step", initial=first_step, total=total,
+                        disable=not is_main_process())
+        for step in progress:
+            with sharding_context(run.mesh, run.rules):
+                batch = _global_batch(batches[step], run.mesh, run.rules)
+                params, opt_state, metrics = step_fn(params, opt_state, batch, jax.random.fold_in(base_key, step),
+                                                     cfg=train_cfg, schedule=run.schedule, scfg=scfg)
+            metrics = jax.device_get(metrics)
+            _check_finite(metrics, step, checkpoints)
+            metrics_log.write(step + 1, metrics)
+            progress.set_postfix(erase=f"{float(metrics['loss_erase']):.4f}",
+                                 kept=f"{float(metrics.get('kept_fraction', float('nan'))):.2f}")
+            done = step + 1
+            if done % int(config.train.checkpoint_every) == 0 or done == total:
+                checkpoints.save(done, _training_state(params, opt_state, scfg))
+            if validation is not None and config.validation.every and done % int(config.validation.every) == 0:
+                validation(done, params)
+    finally:
+        checkpoints.close()
+        metrics_log.close()
+    return params
+
+
+def _training_state(params: Any, opt_state: Any, scfg: SvareConfig) -> dict[str, Any]:
+    """What a checkpoint holds: the trainable parameters and the optimiser state (frozen ones never change)."""
+    return {"params": optim.trainable_params(params, scfg.optim.trainable), "opt_state": opt_state}
+
+
+def _resume(checkpoints: Checkpoints, metrics_log: MetricsLog, params: Any, opt_state: Any,
+            scfg: SvareConfig) -> tuple[Any, Any, int]:
+    """(params, opt_state, first step) from the last checkpoint; the inputs and step 0 when there is none."""
+    latest = checkpoints.latest_step()
+    if latest is None:
+        return params, opt_state, 0
+    state = checkpoints.restore(latest, _training_state(params, opt_state, scfg))
+    params = optim.merge_trainable(params, state["params"])
+    # The config's lr / weight decay / clip win over the values saved in the optimiser state.
+    opt_state = optim.set_hyperparams(state["opt_state"], learning_rate=scfg.optim.learning_rate,
+                                      weight_decay=scfg.optim.weight_decay, max_grad_norm=scfg.optim.max_grad_norm)
+    metrics_log.truncate_after(latest)
+    return params, opt_state, latest
+
+
+def _check_finite(metrics: dict[str, Any], step: int, checkpoints: Checkpoints) -> None:
+    bad = [k for k in ("loss_erase", "loss_pre", "loss_total") if k in metrics
+           and not math.isfinite(float(metrics[k]))]
+    if bad:
+        raise NonFiniteLossError(
+            f"step {step + 1}: {bad[0]} = {float(metrics[bad[0]])}; stopping. The last good checkpoint "
+            f"(step {checkpoints.latest_step()}) is kept in {checkpoints.directory}; lower "
+            f"config.train.learning_rate or check the inputs")
+
+
+def _original_params(config: Any, run: ErasureSetup, params: Any, scfg: SvareConfig) -> Any:
+    """The parameters the deltas are taken against, read back only now (no training-time memory)."""
+    if run.preloaded:
+        return run.params
+    if scfg.optim.trainable == "lora":  # only the adapters trained: the final base with the initial factors
+        return lora.reinitialise(run.cfg, params)
+    from varejax.checkpoint import load_infinity
+    return load_infinity(config.model.infinity, mesh=run.mesh, rules=run.rules, **model_overrides(config))[1]
+
+
 def _global_batch(batch: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
     from varejax.parallel import batch_sharding
 
@@ -215,120 +382,6 @@ def _global_batch(batch: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Ar
 
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, shape=global_shape(v)), v)
             for k, v in batch.items()}
-
-
-def run_erase(config: Any, workdir: str | os.PathLike, *, models: Any = None, phase: str = "all",
-              config_dir: str | None = None) -> ErasureResult | None:
-    """Runs the erasure stage (prepare and/or train) of `config` in `workdir`.
-
-    Args:
-      config: an erase config (see configs/erase.py).
-      workdir: run folder (created; re-used to resume).
-      models: optional preloaded (cfg, params, encode_text) instead of loading `config.model.*`.
-      phase: "prepare", "train" or "all".
-    """
-    from tqdm import tqdm
-
-    from varejax.configlib import rules_tuple
-    from varejax.parallel import make_mesh, sharding_context
-    from varejax.parallel.distributed import initialize, is_main_process
-
-    start_time = time.time()
-    initialize()
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    mesh = make_mesh(tuple(config.mesh.shape))
-    rules = rules_tuple(config.mesh.rules)
-    cfg, params, encode_text = models if models is not None else _load_models(config, workdir, mesh, rules)
-    if models is not None:  # preloaded: add the adapters / bf16 storage the training options ask for
-        wanted = cfg.replace(**training_overrides(config))
-        if wanted != cfg:
-            params = lora.retarget(cfg, params, wanted, mesh=mesh, rules=rules)
-            cfg = wanted
-    schedule = schedules.as_schedule(config.schedule) if config.schedule else schedules.get_schedule(
-        config.h_div_w, config.pn)
-    pairs = load_pairs(config, config_dir)
-    with sharding_context(mesh, rules):
-        files = prepare_trajectories(pairs, params=params, cfg=cfg, encode_text=encode_text, schedule=schedule,
-                                     tcfg=trajectory_config(config), out_dir=workdir / "trajectories",
-                                     progress=is_main_process())
-    if phase == "prepare":
-        return None
-    _wait_for_files(files)
-
-    scfg = svare_config(config)
-    train_cfg = cfg.replace(cond_drop_rate=float(config.train.cond_drop_rate),
-                            drop_path_rate=float(config.train.drop_path_rate), remat=bool(config.train.remat))
-    modes = {"alternating": alternating_update, "summed": summed_update, "erase_only": erase_update}
-    if config.train.mode not in modes:
-        raise ValueError(f"config.train.mode must be one of {sorted(modes)}, not {config.train.mode!r}")
-    update = modes[config.train.mode]
-    step_fn = jit_step(update, donate=True)
-    batches = TrajectoryBatches(files, int(config.train.batch_size), int(config.seed), text_length(files),
-                                jax.process_index(), jax.process_count())
-    # The step donates its inputs. Preloaded models: train on a device copy, so the caller's parameters
-    # stay valid (an ablation reuses them) and are the originals the deltas are taken against. Models
-    # loaded from a folder are re-read from it at export time instead (no training-time memory).
-    original = None
-    if models is not None:
-        original = params
-        params = jax.tree.map(lambda x: x.copy(), params)
-    with sharding_context(mesh, rules):
-        opt_state = jax.jit(lambda p: optim.init_opt_state(p, scfg.optim))(params)
-    checkpoints = Checkpoints(workdir / "checkpoints")
-    metrics_log = MetricsLog(workdir, enabled=is_main_process())
-    first_step = 0
-    latest = checkpoints.latest_step()
-    if latest is not None:
-        trainable, opt_state = checkpoints.restore(latest, (optim.trainable_params(params, scfg.optim.trainable),
-                                                            opt_state))
-        params = optim.merge_trainable(params, trainable)
-        # The config's lr / weight decay / clip win over the values saved in the optimiser state.
-        opt_state = optim.set_hyperparams(opt_state, learning_rate=scfg.optim.learning_rate,
-                                          weight_decay=scfg.optim.weight_decay,
-                                          max_grad_norm=scfg.optim.max_grad_norm)
-        first_step = latest
-        metrics_log.truncate_after(latest)
-    total = int(config.train.steps)
-    base_key = jax.random.key(int(config.seed))
-    validation = _validation(config, workdir, train_cfg, schedule, encode_text, mesh, rules)
-    if first_step == 0 and validation is not None:
-        validation(0, params)
-    progress = tqdm(range(first_step, total), desc="S-VARE", unit="step", initial=first_step, total=total,
-                    disable=not is_main_process())
-    try:
-        for step in progress:
-            with sharding_context(mesh, rules):
-                batch = _global_batch(batches[step], mesh, rules)
-                params, opt_state, metrics = step_fn(params, opt_state, batch, jax.random.fold_in(base_key, step),
-                                                     cfg=train_cfg, schedule=schedule, scfg=scfg)
-            metrics = jax.device_get(metrics)
-            bad = [k for k in ("loss_erase", "loss_pre", "loss_total") if k in metrics
-                   and not math.isfinite(float(metrics[k]))]
-            if bad:
-                raise NonFiniteLossError(
-                    f"step {step + 1}: {bad[0]} = {float(metrics[bad[0]])}; stopping. The last good checkpoint "
-                    f"(step {checkpoints.latest_step()}) is kept in {workdir / 'checkpoints'}; lower "
-                    f"config.train.learning_rate or check the inputs")
-            metrics_log.write(step + 1, metrics)
-            progress.set_postfix(erase=f"{float(metrics['loss_erase']):.4f}",
-                                 kept=f"{float(metrics.get('kept_fraction', float('nan'))):.2f}")
-            done = step + 1
-            if done % int(config.train.checkpoint_every) == 0 or done == total:
-                checkpoints.save(done, (optim.trainable_params(params, scfg.optim.trainable), opt_state))
-            if validation is not None and config.validation.every and done % int(config.validation.every) == 0:
-                validation(done, params)
-    finally:
-        checkpoints.close()
-        metrics_log.close()
-    if original is None and scfg.optim.trainable == "lora":
-        # Only the adapters trained: the original is the final base with the initial factors.
-        original = lora.reinitialise(cfg, params)
-    elif original is None:
-        from varejax.checkpoint import load_infinity
-        _, original = load_infinity(config.model.infinity, mesh=mesh, rules=rules, **model_overrides(config))
-    _export(config, workdir, cfg, params, original, scfg)
-    return ErasureResult(cfg, params, original, total, workdir, pairs, time.time() - start_time)
 
 
 def _wait_for_files(files: list[Path], timeout_s: float = 3600.0) -> None:
@@ -349,8 +402,8 @@ def _load_models(config: Any, workdir: Path, mesh, rules):
 
     for key in ("infinity", "t5"):
         if not config.model[key]:
-            raise ValueError(f"config.model.{key} is empty: give the converted model folder "
-                             f"(varejax convert {key} ...)")
+            raise ConfigError(f"config.model.{key} is empty: give the converted model folder "
+                              f"(varejax convert {key} ...)")
     cfg, params = load_infinity(config.model.infinity, mesh=mesh, rules=rules, **model_overrides(config))
     text = TextEncoder.from_dir(config.model.t5, cache_dir=str(workdir / "text_cache"),
                                 min_vocab=int(config.model.min_vocab), mesh=mesh, rules=rules)

@@ -19,10 +19,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from varejax.errors import UserError
+
 T5_VOCAB = 32100
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """The tokenizer file cannot be used as a T5 tokenizer; the message says why."""
 
 

@@ -18,14 +18,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from varejax.configlib import load_config
+    from varejax.sample.defaults import base_config
     from varejax.sample.pipeline import run_sampling
 
-    if args.config is None:
-        from varejax.configlib import apply_overrides
-        from varejax.sample.defaults import base_config
-        config = apply_overrides(base_config("toy").lock(), overrides, "the embedded toy config")
-    else:
-        config = load_config(args.config, overrides)
+    config = load_config(args.config, overrides, default=lambda: base_config("toy").lock())
     pipeline = schedule = None
     if not any(config.model[k] for k in ("infinity", "vae", "t5")):
         # No model given: the embedded toy world (shipped in the package, its own schedule). Resolved here,
