@@ -108,6 +108,11 @@ class ConversionError(CheckpointError):
     """The checkpoint does not match the model: lists every problem and the likely cause."""
 
 
+# The likely cause when keys are missing and nothing else is wrong, for every model.
+TRUNCATED = ("Likely cause: the file is truncated or a partial shard (keys are missing, nothing else is wrong); "
+             "check its size/sha256 or the shard index.")
+
+
 def common_prefix(keys: Iterable[str]) -> str | None:
     keys = list(keys)
     for prefix in ("module.", "_orig_mod.", "model.", "gpt.", "vae."):
@@ -135,8 +140,7 @@ def explain(p: Plan, source: str, arch: str, alternatives: Mapping[str, Plan] | 
         lines.append(f"Likely cause: every key starts with {prefix!r} (a wrapper such as DDP or torch.compile); "
                      f"save the inner module's state_dict instead.")
     elif p.missing and not p.unexpected and not p.mismatched:
-        lines.append("Likely cause: the file is truncated or a partial shard (keys are missing, nothing else is "
-                     "wrong); check its size/sha256 or the shard index.")
+        lines.append(TRUNCATED)
     elif p.mismatched and not p.missing and not p.unexpected:
         lines.append("Likely cause: same architecture family with other sizes: wrong --arch, or a config.json "
                      "whose sizes differ from the checkpoint's.")

@@ -85,8 +85,7 @@ def _explain(p: strict.Plan, source: str, cfg: T5Config, keys=()) -> str:
         lines.append(f"Likely cause: config.json says feed_forward_proj {cfg.feed_forward_proj!r} but the weights "
                      f"are {_ffn_kind(p.unexpected)!r} (config.json from another T5 family?).")
     elif p.missing and not p.unexpected and not p.mismatched:
-        lines.append("Likely cause: the weights are truncated or a shard is missing (keys are missing, nothing else "
-                     "is wrong); check file sizes/sha256 or the shard index.")
+        lines.append(strict.TRUNCATED)
     elif p.mismatched and not p.missing and not p.unexpected:
         lines.append("Likely cause: config.json and the weights are of different T5 sizes (config.json from "
                      "another model?).")
