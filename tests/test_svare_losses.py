@@ -1,11 +1,23 @@
 """S-VARE losses: parity with the official trainer's formulas (losses.npz) and unit properties.
 
-Tolerance (issue): loss values, keep masks, per-bit CE / wrong bits, token error rates, the per-token KL
-and the gradients w.r.t. the student logits (jax.grad) within 1e-6 max abs, keep masks and wrong bits
-exact; this includes case2's exact tie (dropped), its +-40 logits and its underflowing teacher
-probabilities.
-"""
+Tolerances: the issue's 1e-6 max abs is the upper limit; each check is held to the float32 rounding of
+its own quantity, k * EPS32 * scale with k = 4 (2 for the losses) and the scale taken from the fixture
+(tests/tolerances.py), measured on svare_tiny (case1, case2) as a multiple of EPS32 * scale:
 
+* per-bit CE: 4 eps (max |z_pair| + ce) per bit (CE = logsumexp - z_gt cancels at the logits' scale);
+  measured 0.68, 0.93.
+* per-token KL: 4 eps mean_64(|p log p| + |p log q|) per token; measured 1.06, 0.86.
+* dL_FCE/dz: 4 eps / (32 L B) (softmax - onehot is at most 1, over the formula's divisor); measured
+  0.66, 0.67 (5.8e-11 and 1.5e-11 absolute; the bound is 3.5e-10 and 8.7e-11, against 1e-6 before).
+* dL_Pre/dz: 4 eps reg_lambda / (64 L B); measured 0.66, 1.34.
+* both losses (and value_and_grad): 2 eps |L| sqrt(log2 n), n = B L 64 (a pairwise mean of positive
+  terms); measured <= 2.1 eps |L| (6e-8 absolute against bounds 1.5e-7 .. 6e-7).
+A dropped keep mask, an off-by-one divisor or a wrong sign moves a gradient by O(1 / (32 L B)), i.e.
+10^6 times these bounds.
+
+Keep masks, wrong bits and token error rates (multiples of 1/32) exact; this includes case2's exact tie
+(dropped), its +-40 logits and its underflowing teacher probabilities.
+"""
 from __future__ import annotations
 
 import math
@@ -15,11 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests import svare_fixtures
+from tests import svare_fixtures, tolerances
 from varejax.erase import losses
 from varejax.models import bit_loss
 
-TOL = 1e-6
+TOL = 1e-6  # the issue's limit; every bound below is min(derived, TOL)
 
 
 def _cases(folder):
@@ -34,6 +46,19 @@ _fce_jit = jax.jit(losses.fce_loss, static_argnames=("alpha", "num_tokens", "sch
 _pre_jit = jax.jit(losses.preservation_loss, static_argnames=("reg_lambda", "num_tokens"))
 
 
+def _kl_condition(student, teacher):
+    """mean over the 64 entries of |p log p| + |p log q| (float64): the scale at which the per-token KL
+    p (log p - log q) cancels."""
+    def split(x):
+        pairs = np.asarray(x, np.float64).reshape(*x.shape[:-1], -1, 2)
+        return pairs - np.logaddexp(pairs[..., :1], pairs[..., 1:])  # log-softmax over each bit's pair
+
+    log_p, log_q = split(teacher), split(student)
+    p = np.exp(log_p)
+    terms = np.abs(np.where(p > 0, p * log_p, 0.0)) + np.abs(p * log_q)
+    return terms.reshape(*terms.shape[:2], -1).mean(-1)
+
+
 @pytest.mark.parity
 @pytest.mark.parametrize("folder", svare_fixtures.params_with("losses.npz"))
 def test_losses_match_official(folder):
@@ -46,21 +71,31 @@ def test_losses_match_official(folder):
         loss_pre, aux_pre = _pre_jit(z, teacher, reg_lambda=float(meta[case]["reg_lambda"]))
         v_fce, g_fce = _fce_value_and_grad(z, bits)
         v_pre, g_pre = _pre_value_and_grad(z, teacher)
-        errs = {
-            "loss_fce": abs(float(loss_fce) - float(data[f"{case}__loss_fce"])),
-            "loss_pre": abs(float(loss_pre) - float(data[f"{case}__loss_pre"])),
-            "bit_ce": np.abs(np.asarray(aux["bit_ce"]) - data[f"{case}__fce_bit_ce"]).max(),
-            "token_error_rate": np.abs(np.asarray(aux["token_error_rate"])
-                                       - data[f"{case}__fce_token_error_rate"]).max(),
-            "pre_kl_token": np.abs(np.asarray(aux_pre["kl_token"]) - data[f"{case}__pre_kl_token"]).max(),
-            "grad_fce": np.abs(np.asarray(g_fce) - data[f"{case}__grad_fce_wrt_student_logits"]).max(),
-            "grad_pre": np.abs(np.asarray(g_pre) - data[f"{case}__grad_pre_wrt_student_logits"]).max(),
-            "value_and_grad_fce": abs(float(v_fce) - float(data[f"{case}__loss_fce"])),
-            "value_and_grad_pre": abs(float(v_pre) - float(data[f"{case}__loss_pre"])),
+        B, L, V = z.shape
+        eps = tolerances.EPS32
+        pairs = np.abs(z.astype(np.float64)).reshape(B, L, -1, 2).max(-1)
+        ce_ref = data[f"{case}__fce_bit_ce"]
+        loss_round = {k: float(tolerances.rounding_bound(abs(float(data[f"{case}__{k}"])), np.log2(z.size), k=2))
+                      for k in ("loss_fce", "loss_pre")}
+        checks = {  # name: (error, bound), elementwise where the quantity is an array
+            "loss_fce": (abs(float(loss_fce) - float(data[f"{case}__loss_fce"])), loss_round["loss_fce"]),
+            "loss_pre": (abs(float(loss_pre) - float(data[f"{case}__loss_pre"])), loss_round["loss_pre"]),
+            "bit_ce": (np.abs(np.asarray(aux["bit_ce"]) - ce_ref), 4 * eps * (pairs + ce_ref)),
+            "pre_kl_token": (np.abs(np.asarray(aux_pre["kl_token"]) - data[f"{case}__pre_kl_token"]),
+                             4 * eps * _kl_condition(z, teacher)),
+            "grad_fce": (np.abs(np.asarray(g_fce) - data[f"{case}__grad_fce_wrt_student_logits"]),
+                         4 * eps / (V // 2 * L * B)),
+            "grad_pre": (np.abs(np.asarray(g_pre) - data[f"{case}__grad_pre_wrt_student_logits"]),
+                         4 * eps * float(meta[case]["reg_lambda"]) / (V * L * B)),
+            "value_and_grad_fce": (abs(float(v_fce) - float(data[f"{case}__loss_fce"])), loss_round["loss_fce"]),
+            "value_and_grad_pre": (abs(float(v_pre) - float(data[f"{case}__loss_pre"])), loss_round["loss_pre"]),
         }
-        print(f"{folder.name}/{case}: " + ", ".join(f"{k} {v:.3g}" for k, v in errs.items()))
-        for name, err in errs.items():
-            assert err <= TOL, (case, name, err)
+        print(f"{folder.name}/{case}: " + ", ".join(
+            f"{k} {np.max(e):.3g} (bound {np.min(np.minimum(b, TOL)):.3g}..{np.max(np.minimum(b, TOL)):.3g})"
+            for k, (e, b) in checks.items()))
+        for name, (err, bound) in checks.items():
+            assert np.all(err <= np.minimum(bound, TOL)), (case, name, float(np.max(err / np.minimum(bound, TOL))))
+        np.testing.assert_array_equal(np.asarray(aux["token_error_rate"]), data[f"{case}__fce_token_error_rate"])
         np.testing.assert_array_equal(np.asarray(aux["keep_mask"]), data[f"{case}__fce_keep_mask"])
         np.testing.assert_array_equal(np.asarray(aux["bit_wrong"]), data[f"{case}__fce_bit_wrong"].astype(bool))
         assert int(np.asarray(aux["keep_mask"]).sum()) == meta[case]["n_kept"]
