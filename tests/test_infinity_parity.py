@@ -1,22 +1,55 @@
 """Parity of the Infinity transformer with upstream, through the production converter.
 
-Tolerances (from the issue, never loosened): fp32 logits <= 5e-5 max abs; per-module activations
-<= 5e-5; both training losses <= 1e-5 relative; the bf16 cross-attention emulation within a fifth of
-the fp32-vs-cabf16 gap of upstream's own logits.
-"""
+Tolerances: the issue's limits (fp32 logits and per-module activations <= 5e-5 max abs, training losses
+<= 1e-5 relative) are upper limits; each check is held to a bound derived from float32 rounding or
+from what propagates into it (tests/tolerances.py), with the value measured on infinity_tiny:
 
+* rope tables: 2 EPS32 (cos / sin of the same float32 angle, <= 1 ulp each side); measured 6.0e-8.
+* fp32 activations and logits: 16 EPS32 max|ref| n, n the number of layers on the path (1 for the
+  text / conditioning modules, i + 2 for block i, depth + 2 for the head and logits): measured
+  1 .. 12 EPS32 max|ref| (a block is ~4 rounded stages, each measured at <= 4 EPS32 of its scale).
+  E.g. logits 3.0e-6 (bound 3.2e-5), real 7-scale logits 8.7e-6 (bound 3.1e-5), text_norm 4.8e-7
+  (bound 7.3e-6).
+* per-bit CE: 2 max|dlogits| + 4 EPS32 (max|z_pair| + ce) (CE = softplus(z_other - z_gt) is
+  1-Lipschitz in each logit); measured 5.0e-6 (bound 8.6e-6).
+* both training losses: sum_l w_l mean_d (|dz_a| + |dz_b|) (the same Lipschitz bound, weighted as the
+  loss) + 2 EPS32 |L| sqrt(log2 n); measured 6.2e-8 relative (bound ~1e-6 relative).
+* bf16 cross-attention emulation: upstream rounds q/k/v/out to bf16; we round our float32 values,
+  which differ from upstream's by a few ulp, so a bf16 rounding flips (by one bf16 ulp) wherever a
+  rounding boundary falls in between. The rms of that error over the rms of the fp32-vs-cabf16 gap is
+  then sqrt(12 m / 2^16) for an m-ulp difference (tolerances.bf16_flip_rms_ratio); m = 64 gives
+  0.108. Measured: 1.9e-4 (main, no flip) and 0.023 (7-scale) at XLA's default level. Dropping any
+  one of the four casts gives 0.58 .. 1.03. (The former bound, max err <= gap / 5, let a missing cast
+  of `out` pass on the main schedule: its ratio of maxima is 0.57 there, of rms 0.58.)
+"""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from tests import fixtures
+from tests import fixtures, tolerances
 from varejax.checkpoint import load_infinity
 from varejax.models import apply, bit_loss, rope
 
 pytestmark = pytest.mark.parity
 FOLDERS = fixtures.params_for_folders(fixtures.infinity_folders())
 ACT_NAMES = ("text_norm", "text_proj_for_sos", "text_proj_for_ca", "shared_ada_lin", "word_embed", "head_nm", "head")
+LIMIT_ABS, LIMIT_REL = 5e-5, 1e-5  # the issue's limits: every bound below is capped by them
+FLIP_ULPS = 64  # float32 ulps by which our pre-rounding values may differ from upstream's
+
+
+def _forward_bound(ref, layers):
+    """16 EPS32 max|ref| per layer on the path (module docstring), capped by the issue's 5e-5."""
+    return min(LIMIT_ABS, float(tolerances.rounding_bound(np.abs(ref).max(), k=16)) * layers)
+
+
+def _loss_bound(logits_err, weights_L, loss_ref):
+    """|dL| <= mean_b sum_l w_l mean_d (|dz_2k| + |dz_2k+1|) + the loss's own rounding, capped by 1e-5 rel."""
+    err = np.asarray(logits_err, np.float64)
+    per_bit = err.reshape(*err.shape[:-1], -1, 2).sum(-1)
+    first = float((per_bit.mean(-1) * np.asarray(weights_L, np.float64)).sum(-1).mean())
+    rounding = float(tolerances.rounding_bound(abs(loss_ref), np.log2(err.size), k=2))
+    return min(LIMIT_REL * abs(loss_ref), first + rounding)
 
 
 def _inputs(folder, prefix=""):
@@ -41,13 +74,14 @@ def test_rope_table_matches_upstream(folder):
     cfg = fixtures.config(folder)["transformer_config"]
     head_dim = cfg["embed_dim"] // cfg["num_heads"]
     cos, sin = rope.rope_table(sched, head_dim, template)
-    np.testing.assert_allclose(cos, train["rope_cos"], atol=1e-6, rtol=0)
-    np.testing.assert_allclose(sin, train["rope_sin"], atol=1e-6, rtol=0)
+    tol = 2 * tolerances.EPS32  # cos / sin of the same float32 angle; measured 6.0e-8
+    np.testing.assert_allclose(cos, train["rope_cos"], atol=tol, rtol=0)
+    np.testing.assert_allclose(sin, train["rope_sin"], atol=tol, rtol=0)
     if "real__rope_cos" in train:
         real = fixtures.schedule(fixtures.config(folder), "real_schedule")
         cos, sin = rope.rope_table(real, head_dim)
-        np.testing.assert_allclose(cos, train["real__rope_cos"], atol=1e-6, rtol=0)
-        np.testing.assert_allclose(sin, train["real__rope_sin"], atol=1e-6, rtol=0)
+        np.testing.assert_allclose(cos, train["real__rope_cos"], atol=tol, rtol=0)
+        np.testing.assert_allclose(sin, train["real__rope_sin"], atol=tol, rtol=0)
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
@@ -57,10 +91,10 @@ def test_fp32_logits_activations_and_losses(folder, converted_infinity):
     logits, acts = apply.forward_with_activations_jit(params, train["text__text_feats_padded"],
                                                       train["text__text_mask"], x, sched, cfg=model_cfg,
                                                       h_div_w_template=template)
-    err = np.abs(np.asarray(logits) - train["fp32__logits_BLV"]).max()
-    print(f"{folder.name} fp32 logits max abs err {err:.3g}")
-    assert err <= 5e-5
-
+    logits = np.asarray(logits)
+    depth = model_cfg.depth
+    logits_err = np.abs(logits - train["fp32__logits_BLV"])
+    measured = {"logits": (float(logits_err.max()), _forward_bound(train["fp32__logits_BLV"], depth + 2))}
     mask = train["text__text_mask"].astype(bool)
     for name in ACT_NAMES:
         ours = np.asarray(acts[name])
@@ -68,21 +102,28 @@ def test_fp32_logits_activations_and_losses(folder, converted_infinity):
             ours = ours[mask]
         ref = train[f"fp32__act__{name}"]
         assert ours.shape == ref.shape, name
-        assert np.abs(ours - ref).max() <= 5e-5, (name, np.abs(ours - ref).max())
+        measured[name] = (float(np.abs(ours - ref).max()), _forward_bound(ref, depth + 2 if "head" in name else 1))
     per_chunk = model_cfg.blocks_per_chunk
-    for i in range(model_cfg.depth):
+    for i in range(depth):
         ref = train[f"fp32__act__block_chunks.{i // per_chunk}.module.{i % per_chunk}"]
-        assert np.abs(np.asarray(acts[f"block{i}"]) - ref).max() <= 5e-5, f"block {i}"
+        measured[f"block{i}"] = (float(np.abs(np.asarray(acts[f"block{i}"]) - ref).max()), _forward_bound(ref, i + 2))
 
+    ce = np.asarray(bit_loss.bit_cross_entropy(logits, bits))
+    ce_ref = train["fp32__loss_BLd"]
+    z_pair = np.abs(train["fp32__logits_BLV"].astype(np.float64)).reshape(*ce_ref.shape, 2).max(-1)
+    ce_bound = 2 * logits_err.max() + tolerances.rounding_bound(z_pair + ce_ref, k=4)
+    measured["bit_ce"] = (float(np.abs(ce - ce_ref).max()), float(ce_bound.min()))
+    assert np.all(np.abs(ce - ce_ref) <= np.minimum(ce_bound, LIMIT_ABS)), float(np.abs(ce - ce_ref).max())
+    weights = {False: np.full(logits.shape[1], 1.0 / logits.shape[1]), True: train["fp32__loss_weights_reweight"]}
     for reweight, key in ((False, "fp32__loss_uniform"), (True, "fp32__loss_reweight_by_scale")):
+        ref = float(train[key])
         loss = float(bit_loss.training_loss(logits, bits, sched, reweight))
-        rel = abs(loss - float(train[key])) / abs(float(train[key]))
-        print(f"{folder.name} {key} rel err {rel:.3g}")
-        assert rel <= 1e-5, key
+        measured[key] = (abs(loss - ref), _loss_bound(logits_err, weights[reweight], ref))
+    print(f"{folder.name} fp32 (err, bound): " + ", ".join(f"{k} {e:.3g} / {b:.3g}" for k, (e, b) in measured.items()))
+    for name, (err, bound) in measured.items():
+        assert err <= bound, (name, err, bound)
     np.testing.assert_allclose(bit_loss.token_weights(sched, True), train["fp32__loss_weights_reweight"],
-                               rtol=1e-6, atol=0)
-    np.testing.assert_allclose(np.asarray(bit_loss.bit_cross_entropy(logits, bits)), train["fp32__loss_BLd"],
-                               atol=5e-5, rtol=0)
+                               rtol=tolerances.EPS32, atol=0)
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
@@ -93,12 +134,18 @@ def test_real_schedule_forward(folder, converted_infinity):
     _, sched, template, x, bits = _inputs(folder, "real__")
     assert model_cfg.pad_to_multiplier > 1  # the padded path is the one under test
     logits = _logits(model_cfg, params, train, x, sched, template, "fp32")
-    err = np.abs(logits - train["real__fp32__logits_BLV"]).max()
-    print(f"{folder.name} real fp32 logits max abs err {err:.3g}")
-    assert err <= 5e-5
+    ref_logits = train["real__fp32__logits_BLV"]
+    logits_err = np.abs(logits - ref_logits)
+    bound = _forward_bound(ref_logits, model_cfg.depth + 2)
+    print(f"{folder.name} real fp32 logits max abs err {logits_err.max():.3g} (bound {bound:.3g})")
+    assert logits_err.max() <= bound
+    weights = {False: np.full(logits.shape[1], 1.0 / logits.shape[1]), True: train["real__fp32__loss_weights_reweight"]}
     for reweight, key in ((False, "real__fp32__loss_uniform"), (True, "real__fp32__loss_reweight_by_scale")):
+        ref = float(train[key])
         loss = float(bit_loss.training_loss(logits, bits, sched, reweight))
-        assert abs(loss - float(train[key])) / abs(float(train[key])) <= 1e-5, key
+        bound = _loss_bound(logits_err, weights[reweight], ref)
+        print(f"  {key}: err {abs(loss - ref):.3g} (bound {bound:.3g})")
+        assert abs(loss - ref) <= bound, key
 
 
 @pytest.mark.parametrize("prefix", ["", "real__"])
@@ -109,12 +156,21 @@ def test_bf16_cross_attention_emulation(folder, prefix, converted_infinity):
     model_cfg, params = load_infinity(converted_infinity(folder))
     _, sched, template, x, _ = _inputs(folder, prefix)
     ours = _logits(model_cfg, params, train, x, sched, template, "cabf16")
-    gap = np.abs(train[f"{prefix}fp32__logits_BLV"] - train[f"{prefix}cabf16__logits_BLV"]).max()
-    err = np.abs(ours - train[f"{prefix}cabf16__logits_BLV"]).max()
-    print(f"{folder.name} {prefix or 'main '}cabf16: err {err:.3g}, fp32-vs-cabf16 gap {gap:.3g} "
-          f"(ratio {err / gap:.3g})")
-    assert gap > 0
-    assert err <= gap / 5
+    ref = train[f"{prefix}cabf16__logits_BLV"]
+    gap = train[f"{prefix}fp32__logits_BLV"] - ref
+
+    def rms(a):
+        return float(np.sqrt(np.mean(np.square(a, dtype=np.float64))))
+
+    err = ours - ref
+    ratio = rms(err) / rms(gap)
+    # Flips of the bf16 rounding, plus the float32 difference that the fp32 forward itself is held to.
+    bound = tolerances.bf16_flip_rms_ratio(FLIP_ULPS) * rms(gap) + _forward_bound(ref, model_cfg.depth + 2)
+    print(f"{folder.name} {prefix or 'main '}cabf16: rms err {rms(err):.3g} (bound {bound:.3g}), max err "
+          f"{np.abs(err).max():.3g}; fp32-vs-cabf16 gap rms {rms(gap):.3g}, max {np.abs(gap).max():.3g} "
+          f"(rms ratio {ratio:.3g}, bound {tolerances.bf16_flip_rms_ratio(FLIP_ULPS):.3g})")
+    assert rms(gap) > 0
+    assert rms(err) <= bound
     # And the flag matters: without it the error is the whole gap.
     plain = _logits(model_cfg, params, train, x, sched, template, "fp32")
-    assert np.abs(plain - train[f"{prefix}cabf16__logits_BLV"]).max() > err
+    assert rms(plain - ref) > bound
