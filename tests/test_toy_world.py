@@ -123,6 +123,14 @@ def _chance_bound(n: int, p: float, alpha: float = 1e-3) -> int:
     return next(k for k in range(n + 2) if _binomial_sf(n, p, k) <= alpha)
 
 
+def _paired_gain_bound(n: int, alpha: float) -> int:
+    """The smallest gain d (prompts) of n paired before/after outcomes that a no-effect model (each discordant
+    prompt flips either way with probability 1/2) reaches with probability <= alpha, for every number m of
+    discordant prompts: gain = 2 b - m with b ~ Binomial(m, 1/2); m = n is the worst case."""
+    return max(next(d for d in range(m + 2) if _binomial_sf(m, 0.5, math.ceil((m + d) / 2)) <= alpha)
+               for m in range(1, n + 1))
+
+
 def _agrees_within_sampling_error(hits: int, n: int, recorded: float, n_recorded: int, z: float = 3.5) -> bool:
     """Two-proportion z test: `hits` of `n` and a recorded rate on `n_recorded` draws are one rate
     (|z| <= 3.5: two-sided p ~ 5e-4)."""
@@ -398,19 +406,31 @@ def toy_job(tmp_path_factory):
 
 
 def test_reduced_main_job_erases_and_preserves(toy_job):
+    from varejax.toy.job import main_job_config
+
     workdir, results = toy_job
     for key in ("erasure_rate_seen_before", "erasure_rate_seen_after", "erasure_rate_paraphrase_before",
                 "erasure_rate_paraphrase_after", "preservation_before", "preservation_after", "toy_fid",
-                "prompt_following", "wall_time_s"):
+                "toy_fid_noise_floor", "prompt_following", "wall_time_s"):
         assert key in results, key
     # The base model draws circles when asked, and the erased one stops doing so (seen and paraphrased).
     assert results["erasure_rate_seen_before"] <= ERASURE_BEFORE_MAX
     assert results["erasure_rate_seen_after"] >= results["erasure_rate_seen_before"] + ERASURE_GAIN_MIN
-    assert results["erasure_rate_paraphrase_after"] > results["erasure_rate_paraphrase_before"]
+    # Paraphrases (never in the erasure pairs): before and after use the same prompts and seeds, so a model
+    # that does nothing to them flips each prompt either way with equal odds; the gain must be one such a
+    # model reaches with probability <= 5% however many prompts flip (11 of 32; measured 5 -> 20 of 32).
+    n = main_job_config("ci").eval.concept_prompts
+    gain = round((results["erasure_rate_paraphrase_after"] - results["erasure_rate_paraphrase_before"]) * n)
+    assert gain >= _paired_gain_bound(n, 0.05), (gain, n)
     # Other prompts keep what they ask for.
     assert results["preservation_after"] >= results["preservation_before"] - PRESERVATION_DROP_MAX
     assert results["prompt_following"] >= PROMPT_FOLLOWING_MIN
-    assert results["toy_fid"] >= 0
+    # Toy FID of the "others" images, original vs erased (same prompts and seeds), against its noise floor
+    # (the original against itself, other seeds; measured 79 with 32 prompts): an unchanged model scores
+    # exactly 0 (same images), a fine-tuned one decorrelates from its samples (measured 147), and one that
+    # lost other prompts drifts towards the FID of other prompt sets (others vs circle prompts: 580-714).
+    floor = results["toy_fid_noise_floor"]
+    assert floor > 0 and floor / 4 <= results["toy_fid"] <= 4 * floor, (results["toy_fid"], floor)
 
 
 def test_reduced_main_job_writes_its_report(toy_job):
