@@ -39,7 +39,7 @@ def _median_time(fn, repeats):
 
 def ours(config, cfg, schedule, text, mask):
     params = jax.jit(lambda: apply.init_params(cfg, config.seed))()
-    sampling = SamplingConfig(cfg=(config.cfg,), tau=(config.tau,), top_p=0.97)
+    sampling = SamplingConfig(guidance=(config.guidance,), tau=(config.tau,), top_p=0.97)
     keys = jax.random.split(jax.random.key(config.seed), config.batch)
     run = lambda: jax.block_until_ready(generate_jit(params, text, mask, schedule, cfg=cfg, sampling=sampling,
                                                      rng=keys))
@@ -95,7 +95,7 @@ def upstream(config, cfg, schedule, text, mask, path):
     def run():
         with torch.no_grad():
             model.autoregressive_infer_cfg(vae=Tokenizer(), scale_schedule=list(schedule), label_B_or_BLT=cond,
-                                           B=config.batch, cfg_list=[config.cfg] * n, tau_list=[config.tau] * n,
+                                           B=config.batch, cfg_list=[config.guidance] * n, tau_list=[config.tau] * n,
                                            top_k=900, top_p=0.97, g_seed=config.seed, returns_vemb=1,
                                            cfg_insertion_layer=[0], vae_type=1, ret_img=False, inference_mode=True)
 
@@ -117,7 +117,7 @@ def main() -> None:
     mask = (np.arange(text_len)[None] < lens[:, None]).astype(np.int32)
     text = (rng.randn(config.batch, text_len, cfg.text_channels) * 0.25 * mask[..., None]).astype(np.float32)
     result = {"size": config.size, "device": jax.devices()[0].device_kind, "schedule_scales": len(schedule),
-              "L": schedules.sequence_length(schedule), "batch": config.batch, "cfg": config.cfg,
+              "L": schedules.sequence_length(schedule), "batch": config.batch, "guidance": config.guidance,
               "ours": ours(config, cfg, schedule, text, mask)}
     path = os.environ.get("VAREJAX_UPSTREAM_INFINITY")
     if path:

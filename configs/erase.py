@@ -9,6 +9,13 @@
 Pair files are under configs/pairs/ (paths relative to this folder). Official recipe: 50 pairs,
 500 iterations, batch 2, alternating erase/preserve AdamW steps, lr 2.34375e-5, clip 5, 1024 px.
 
+The whole recipe, every field resolved (with any --config.x=y applied), is printed by
+
+    varejax config show --config configs/erase.py:church
+
+Its fields are set and documented in varejax/erase/defaults.py (`base_config`), which the toy world's
+erasure jobs share: they run from the installed package, without this folder.
+
 Options the official code has but does not use by default:
     --config.train.trainable=lora [--config.train.lora_rank=4 --config.train.lora_targets="('mat_qkv','mat_kv','proj')"]
     --config.train.bf16_params=True     # pure-bf16 parameters and AdamW state, as upstream trains

@@ -40,7 +40,7 @@ def test_sample_command_writes_images_records_grid_and_resumes(model_dirs, tmp_p
     record = json.loads((tmp_path / "images" / "00003.json").read_text())
     assert record["prompt"] == prompts[1] and record["seed"] == 10
     assert record["schedule"][-1] == [1, 16, 16] and set(record["models"]) == {"infinity", "vae", "t5"}
-    assert record["cfg"] == [4.0] and record["top_p"] == 0.97
+    assert record["guidance"] == [4.0] and record["top_p"] == 0.97
 
     calls = []
     monkeypatch.setattr(Pipeline, "generate", lambda *a, **k: calls.append(1))
@@ -54,7 +54,7 @@ def test_seeds_batches_greedy_and_negative_prompts(model_dirs, tmp_path):
                               compute_dtype="float32", matmul_precision="highest")
     from varejax.models import schedules
     schedule = schedules.get_schedule(1.0, "0.06M")
-    sampling = SamplingConfig(cfg=(3.0,), tau=(1.0,), top_p=0.97)
+    sampling = SamplingConfig(guidance=(3.0,), tau=(1.0,), top_p=0.97)
     prompts = ["a red car", "a blue house"]
     pair = pipe.generate(prompts, [1, 2], sampling, schedule)
     assert pair.shape == (2, 256, 256, 3) and pair.dtype == np.uint8
@@ -63,7 +63,7 @@ def test_seeds_batches_greedy_and_negative_prompts(model_dirs, tmp_path):
     assert np.abs(alone[0].astype(int) - pair[1].astype(int)).max() <= 1
     other_seed = pipe.generate(prompts[1:], [3], sampling, schedule)
     assert np.abs(other_seed[0].astype(int) - pair[1].astype(int)).max() > 10
-    greedy = SamplingConfig(cfg=(3.0,), tau=(1.0,), greedy=True)
+    greedy = SamplingConfig(guidance=(3.0,), tau=(1.0,), greedy=True)
     g1, g2 = pipe.generate(prompts, [1, 2], greedy, schedule), pipe.generate(prompts, [5, 6], greedy, schedule)
     np.testing.assert_array_equal(g1, g2)
     negative = pipe.generate(prompts, [1, 2], greedy, schedule, negative_prompt="a green tree")

@@ -183,7 +183,7 @@ def test_shipped_models_follow_prompts():
     attrs = [world.sample_attributes(rng) for _ in range(n)]
     prompts = [world.prompt(a, rng, world.FAMILIES[i % 2], mention="all") for i, a in enumerate(attrs)]
     recorded = info["prompt_following"]
-    sampling = SamplingConfig(cfg=(4.0,), tau=(1.0,), top_p=0.97)
+    sampling = SamplingConfig(guidance=(4.0,), tau=(1.0,), top_p=0.97)
     assert recorded["sampling"] == {"cfg": 4.0, "tau": 1.0, "top_p": 0.97, "greedy": False}
     images = np.concatenate([pipeline.generate(prompts[i:i + batch], list(range(i, i + batch)), sampling,
                                                TOY_SCHEDULE) for i in range(0, n, batch)])

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from varejax.checkpoint import FORMATS
 from varejax.convert.infinity_keys import upstream_key
 from varejax.erase import optim
 from varejax.models import apply, lora
@@ -46,18 +45,18 @@ def write_erased_model(out: str | os.PathLike, cfg: Any, params: Any, config: An
 
     A model with LoRA adapters is written merged (a plain model) unless `merge_lora` is False.
     """
-    from varejax.checkpoint import write_model_dir
+    from varejax.checkpoint import save_model
 
     if cfg.lora_rank and merge_lora:
         cfg, params = lora.merge(cfg, params)
-    flat = {path: _host(v) for path, v in apply.flat_params(params).items()}
+    flat = {path: _host(v) for path, v in apply.flat_params(params).items()}  # collective: every process
     if not _is_writer():
         return Path(out)
-    meta = {"format": FORMATS["infinity"],
-            "model": cfg.replace(cond_drop_rate=0.0, drop_path_rate=0.0, remat=False).to_dict(),
-            "source": {"erased_from": str(getattr(getattr(config, "model", None), "infinity", "") or ""),
-                       "config": json.loads(config.to_json()) if config is not None else None}}
-    return write_model_dir(out, flat, meta, overwrite=True)
+    source = {"erased_from": str(getattr(getattr(config, "model", None), "infinity", "") or ""),
+              "config": json.loads(config.to_json()) if config is not None else None}
+    # Saved for sampling: the training-only switches (condition dropout, drop path, remat) off.
+    served = cfg.replace(cond_drop_rate=0.0, drop_path_rate=0.0, remat=False)
+    return save_model(out, "infinity", served, flat, source=source, overwrite=True)
 
 
 def delta_tensors(cfg: Any, params: Any, original: Any, trainable: str = "ca_ffn") -> dict[str, np.ndarray]:

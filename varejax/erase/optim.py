@@ -66,7 +66,7 @@ from varejax.models.config import is_lora_path
 from varejax.models.layers import round_to_bf16
 
 F32 = jnp.float32
-Path = tuple[str, ...]
+ParamPath = tuple[str, ...]  # a parameter's key path, e.g. ('blocks', '0', 'ca', 'mat_q', 'kernel')
 
 # Upstream erase_train.build_model_optimizer (args.nowd >= 1).
 NOWD_KEYS = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start", "start_pos",
@@ -76,25 +76,25 @@ _CA_LEAVES = {("mat_q", "kernel"), ("mat_q", "bias"), ("mat_kv", "kernel"), ("v_
               ("proj", "bias")}
 
 
-def _block_part(path: Path) -> tuple[str, Path] | None:
+def _block_part(path: ParamPath) -> tuple[str, ParamPath] | None:
     """('ca', ('mat_q', 'kernel')) for ('blocks', '3', 'ca', 'mat_q', 'kernel'); None outside blocks."""
     if len(path) >= 4 and path[0] == "blocks":
         return path[2], tuple(path[3:])
     return None
 
 
-def _ca_ffn(path: Path) -> bool:
+def _ca_ffn(path: ParamPath) -> bool:
     part = _block_part(path)
     return part is not None and not is_lora_path(path) and (
         (part[0] == "ca" and part[1] in _CA_LEAVES) or part[0] == "ffn")
 
 
-def _ca_ffn_sa(path: Path) -> bool:
+def _ca_ffn_sa(path: ParamPath) -> bool:
     part = _block_part(path)
     return _ca_ffn(path) or (part is not None and part[0] == "sa" and not is_lora_path(path))
 
 
-TRAINABLE_MODES: dict[str, Callable[[Path], bool]] = {
+TRAINABLE_MODES: dict[str, Callable[[ParamPath], bool]] = {
     "ca_ffn": _ca_ffn,
     "ca_ffn_sa": _ca_ffn_sa,
     "all": lambda path: not is_lora_path(path),
@@ -102,19 +102,20 @@ TRAINABLE_MODES: dict[str, Callable[[Path], bool]] = {
 }
 
 
-def _flat(state_or_flat: nnx.State | Mapping[Path, Any]) -> Mapping[Path, Any]:
+def _flat(state_or_flat: nnx.State | Mapping[ParamPath, Any]) -> Mapping[ParamPath, Any]:
     return state_or_flat if isinstance(state_or_flat, Mapping) and not isinstance(state_or_flat, nnx.State) \
         else flat_params(state_or_flat)
 
 
-def _predicate(mode: str) -> Callable[[Path], bool]:
+def _predicate(mode: str) -> Callable[[ParamPath], bool]:
     try:
         return TRAINABLE_MODES[mode]
     except KeyError:
         raise KeyError(f"unknown trainable mode {mode!r}; known: {sorted(TRAINABLE_MODES)}") from None
 
 
-def trainable_mask(state_or_flat_params: nnx.State | Mapping[Path, Any], mode: str = "ca_ffn") -> dict[Path, bool]:
+def trainable_mask(state_or_flat_params: nnx.State | Mapping[ParamPath, Any],
+                   mode: str = "ca_ffn") -> dict[ParamPath, bool]:
     """{path: trainable?} for every parameter (paths as in `varejax.models.apply.flat_params`).
 
     Raises:
@@ -129,12 +130,12 @@ def trainable_mask(state_or_flat_params: nnx.State | Mapping[Path, Any], mode: s
     return mask
 
 
-def upstream_name(path: Path) -> str:
+def upstream_name(path: ParamPath) -> str:
     """Upstream state_dict name of a parameter path, up to the block-chunk numbering (enough for nowd)."""
     return upstream_key(path, types.SimpleNamespace(blocks_per_chunk=1))[0]
 
 
-def decays(path: Path, ndim: int) -> bool:
+def decays(path: ParamPath, ndim: int) -> bool:
     """Upstream filter_params: group 'D' (weight decay) unless 1-D, a *bias, or named by a nowd key."""
     if is_lora_path(path):
         return False
@@ -142,21 +143,22 @@ def decays(path: Path, ndim: int) -> bool:
     return not (ndim == 1 or name.endswith("bias") or any(key in name for key in NOWD_KEYS))
 
 
-def weight_decay_mask(state_or_flat_params: nnx.State | Mapping[Path, Any], mode: str = "ca_ffn") -> dict[Path, bool]:
+def weight_decay_mask(state_or_flat_params: nnx.State | Mapping[ParamPath, Any],
+                      mode: str = "ca_ffn") -> dict[ParamPath, bool]:
     """{path: decayed?} for every parameter: trainable and in upstream's decay group (the 2-D kernels)."""
     flat = _flat(state_or_flat_params)
     trainable = trainable_mask(flat, mode)
     return {path: trainable[path] and decays(path, len(value.shape)) for path, value in flat.items()}
 
 
-def trainable_params(params: nnx.State, mode: str = "ca_ffn") -> dict[Path, jax.Array]:
+def trainable_params(params: nnx.State, mode: str = "ca_ffn") -> dict[ParamPath, jax.Array]:
     """The flat dict {path: array} of the trainable parameters (what the optimiser updates)."""
     flat = flat_params(params)
     mask = trainable_mask(flat, mode)
     return {path: value for path, value in flat.items() if mask[path]}
 
 
-def merge_trainable(params: nnx.State, trainable: Mapping[Path, jax.Array]) -> nnx.State:
+def merge_trainable(params: nnx.State, trainable: Mapping[ParamPath, jax.Array]) -> nnx.State:
     """`params` with the arrays of `trainable` substituted (frozen leaves are passed through as they are)."""
     out, used = [], 0
     for path, var in nnx.to_flat_state(params):
@@ -358,7 +360,7 @@ class OptimConfig:
         return dataclasses.replace(self, **changes)
 
 
-def decay_mask_of(tree: Mapping[Path, Any]) -> dict[Path, bool]:
+def decay_mask_of(tree: Mapping[ParamPath, Any]) -> dict[ParamPath, bool]:
     """{path: decayed?} of a flat dict of trainable parameters (the optimiser's decay mask)."""
     return {path: decays(path, len(value.shape)) for path, value in tree.items()}
 
@@ -379,11 +381,6 @@ def make_optimizer(ocfg: OptimConfig = OptimConfig()) -> optax.GradientTransform
 def init_opt_state(params: nnx.State, ocfg: OptimConfig = OptimConfig()) -> optax.OptState:
     """Optimiser state for the trainable parameters of `params` (none for frozen ones)."""
     return make_optimizer(ocfg).init(trainable_params(params, ocfg.trainable))
-
-
-def hyperparams(opt_state: optax.OptState) -> dict[str, jax.Array]:
-    """The injected hyperparameters: learning_rate, weight_decay, max_grad_norm."""
-    return dict(opt_state.hyperparams)
 
 
 def set_hyperparams(opt_state: optax.OptState, **values: float) -> optax.OptState:

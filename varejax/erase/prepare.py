@@ -53,7 +53,7 @@ class TrajectoryConfig:
         return self.seed if self.same_seed_for_all_pairs else self.seed + index
 
     def sampling(self) -> SamplingConfig:
-        return SamplingConfig(cfg=(self.guidance,), tau=(self.tau,), top_k=self.top_k, top_p=self.top_p)
+        return SamplingConfig(guidance=(self.guidance,), tau=(self.tau,), top_k=self.top_k, top_p=self.top_p)
 
 
 def trajectory_path(directory: str | os.PathLike, index: int) -> Path:

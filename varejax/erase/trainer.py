@@ -425,7 +425,7 @@ def _validation(config, workdir, cfg, schedule, encode_text, mesh, rules):
     vae_cfg, vae_params = load_vae(config.model.vae, mesh=mesh, rules=rules)
     prompts = list(config.validation.prompts)
     text, mask = encode_text(prompts)
-    sampling = SamplingConfig(cfg=(float(config.validation.guidance),), tau=(float(config.validation.tau),),
+    sampling = SamplingConfig(guidance=(float(config.validation.guidance),), tau=(float(config.validation.tau),),
                               top_p=0.97)
     keys = jax.vmap(jax.random.key)(np.arange(len(prompts), dtype=np.uint32))
     eval_cfg = cfg.replace(cond_drop_rate=0.0, drop_path_rate=0.0)

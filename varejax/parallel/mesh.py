@@ -9,6 +9,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from varejax.errors import ConfigError
 from varejax.parallel.rules import DEFAULT_RULES, MESH_AXES, LogicalRules, logical_to_spec
 
 
@@ -23,9 +24,9 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[Any] | None =
     devices = list(jax.devices() if devices is None else devices)
     shape = list(shape)
     if len(shape) != 3:
-        raise ValueError(f"mesh shape must have 3 entries (data, fsdp, tensor), got {shape}")
+        raise ConfigError(f"mesh shape (config.mesh.shape) must have 3 entries (data, fsdp, tensor), got {shape}")
     if shape.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {shape}")
+        raise ConfigError(f"at most one mesh axis (config.mesh.shape) may be -1, got {shape}")
     known = 1
     for s in shape:
         known *= s if s != -1 else 1
@@ -33,7 +34,7 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[Any] | None =
         shape[shape.index(-1)] = len(devices) // known
     total = shape[0] * shape[1] * shape[2]
     if total > len(devices) or total < 1:
-        raise ValueError(f"mesh {tuple(shape)} needs {total} devices, {len(devices)} available")
+        raise ConfigError(f"mesh {tuple(shape)} (config.mesh.shape) needs {total} devices, {len(devices)} available")
     devices = devices[:total]
     axis_types = (jax.sharding.AxisType.Auto,) * 3
     return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=axis_types, devices=devices)

@@ -21,6 +21,8 @@ from collections.abc import Iterator, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from varejax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
@@ -67,7 +69,8 @@ def _rules_dict(rules: LogicalRules) -> dict[str, tuple[str, ...]]:
             out[name] = tuple(axes)
         unknown = [a for a in out[name] if a not in MESH_AXES]
         if unknown:
-            raise ValueError(f"sharding rule {name!r} names unknown mesh axes {unknown}; mesh axes are {MESH_AXES}")
+            raise ConfigError(f"sharding rule {name!r} (config.mesh.rules) names unknown mesh axes {unknown}; "
+                              f"mesh axes are {MESH_AXES}")
     return out
 
 

@@ -16,9 +16,9 @@ TOY_PROMPTS = ("a red circle on a striped background", "a blue square", "a green
 
 
 def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Sampling settings of upstream's scripts for `arg` = 2b (cfg 4, tau 0.5) or 8b (cfg 3, tau 1), or
-    the toy world's (`toy`: cfg 4, tau 1, its prompts)."""
-    cfg_scale, tau = DEFAULTS[arg or "2b"]
+    """Sampling settings of upstream's scripts for `arg` = 2b (guidance 4, tau 0.5) or 8b (guidance 3, tau 1), or
+    the toy world's (`toy`: guidance 4, tau 1, its prompts)."""
+    guidance, tau = DEFAULTS[arg or "2b"]
     config = ml_collections.ConfigDict()
     config.model = ml_collections.ConfigDict()
     config.model.infinity = ""      # folder written by `varejax convert infinity`
@@ -35,7 +35,7 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.batch_size = 1
 
     config.sampling = ml_collections.ConfigDict()
-    config.sampling.cfg = (cfg_scale,)   # one value, or one per scale
+    config.sampling.guidance = (guidance,)   # classifier-free guidance: one value, or one per scale
     config.sampling.tau = (tau,)
     config.sampling.top_k = 900          # clamped to the 2 classes of a bit: a no-op, as upstream
     config.sampling.top_p = 0.97

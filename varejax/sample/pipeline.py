@@ -23,6 +23,7 @@ import numpy as np
 
 from varejax import images as image_io
 from varejax.batching import padded_batches
+from varejax.errors import ConfigError
 from varejax.models import schedules
 from varejax.sample.sampler import SamplingConfig, generate_jit
 
@@ -64,11 +65,13 @@ class Pipeline:
         return cls(infinity_cfg, infinity_params, vae_cfg, vae_params, text_encoder, hashes, mesh, rules)
 
     def check_compatible(self) -> None:
+        """Raises ConfigError when the three models were not made for each other (e.g. a 2B tokenizer with
+        an 8B transformer)."""
         if self.text_encoder.cfg.d_model != self.infinity_cfg.text_channels:
-            raise ValueError(f"the text encoder is {self.text_encoder.cfg.d_model} wide, the transformer expects "
+            raise ConfigError(f"the text encoder is {self.text_encoder.cfg.d_model} wide, the transformer expects "
                              f"{self.infinity_cfg.text_channels}")
         if self.vae_cfg.codebook_dim != self.infinity_cfg.codebook_dim:
-            raise ValueError(f"the tokenizer has {self.vae_cfg.codebook_dim} bits, the transformer "
+            raise ConfigError(f"the tokenizer has {self.vae_cfg.codebook_dim} bits, the transformer "
                              f"{self.infinity_cfg.codebook_dim}")
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], sampling: SamplingConfig,
@@ -102,7 +105,8 @@ class Pipeline:
 
 
 def sampling_from_config(config: Any) -> SamplingConfig:
-    return SamplingConfig(cfg=tuple(float(c) for c in _as_tuple(config.cfg)),
+    """The `SamplingConfig` of a config's `sampling` section (one guidance / tau value, or one per scale)."""
+    return SamplingConfig(guidance=tuple(float(g) for g in _as_tuple(config.guidance)),
                           tau=tuple(float(t) for t in _as_tuple(config.tau)),
                           top_k=int(config.top_k), top_p=float(config.top_p), greedy=bool(config.greedy))
 
@@ -149,7 +153,7 @@ def run_sampling(config: Any, workdir: str | os.PathLike, pipeline: Pipeline | N
     if pipeline is None:
         missing = [k for k in ("infinity", "vae", "t5") if not config.model[k]]
         if missing:
-            raise ValueError(f"config.model.{missing[0]} is empty: give the converted model folder "
+            raise ConfigError(f"config.model.{missing[0]} is empty: give the converted model folder "
                              f"(varejax convert {missing[0]} ...)")
         from varejax.configlib import rules_tuple
         from varejax.parallel import make_mesh
@@ -162,7 +166,10 @@ def run_sampling(config: Any, workdir: str | os.PathLike, pipeline: Pipeline | N
                                       min_vocab=config.model.min_vocab, mesh=mesh,
                                       rules=rules_tuple(config.mesh.rules), **dict(config.numerics))
     pipeline.check_compatible()
+    if not config.prompts:
+        raise ConfigError("config.prompts is empty: give at least one prompt")
     sampling = sampling_from_config(config.sampling)
+    sampling.per_scale(len(schedule))  # a per-scale guidance or tau list that does not fit fails here
     plan = plan_images(list(config.prompts), config.images_per_prompt, config.seed)
     todo = [i for i in range(len(plan)) if not (out_dir / f"{i:05d}.json").exists()]
     batch = max(1, int(config.batch_size))
@@ -175,7 +182,7 @@ def run_sampling(config: Any, workdir: str | os.PathLike, pipeline: Pipeline | N
         for i, image in zip(chunk, images, strict=False):
             prompt, seed = plan[i]
             record = {"index": i, "prompt": prompt, "seed": seed, "negative_prompt": config.negative_prompt,
-                      "cfg": list(sampling.cfg), "tau": list(sampling.tau), "top_k": sampling.top_k,
+                      "guidance": list(sampling.guidance), "tau": list(sampling.tau), "top_k": sampling.top_k,
                       "top_p": sampling.top_p, "greedy": sampling.greedy, "h_div_w": config.h_div_w,
                       "pn": config.pn, "schedule": [list(s) for s in schedule], "models": pipeline.hashes}
             image_io.save_image(out_dir / f"{i:05d}.png", image)

@@ -22,9 +22,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from varejax.errors import ConfigError
 from varejax.models import apply, bitwise, rope, schedules
 from varejax.models.config import InfinityConfig
 from varejax.models.layers import F32
@@ -35,28 +35,31 @@ class SamplingConfig:
     """Sampling settings (hashable: a static argument of the jitted sampler).
 
     Attributes:
-      cfg: guidance scale per scale (one value is broadcast to every scale); 1 everywhere = no CFG batch.
+      guidance: classifier-free guidance scale per scale (one value is broadcast to every scale); 1 everywhere
+        = no CFG batch. (Upstream calls it cfg / cfg_list; here `cfg` is always the model config.)
       tau: temperature per scale (applied before the CFG mix).
       top_k: 1 = per-bit argmax; 0 or >= 2 = no-op (two classes), as upstream.
       top_p: nucleus threshold per bit; 0 = off.
       greedy: argmax instead of a random draw.
     """
 
-    cfg: tuple[float, ...] = (3.0,)
+    guidance: tuple[float, ...] = (3.0,)
     tau: tuple[float, ...] = (1.0,)
     top_k: int = 0
     top_p: float = 0.0
     greedy: bool = False
 
     def per_scale(self, num_scales: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(guidance, tau), one value per scale of a `num_scales` schedule."""
         def expand(values, name):
             values = tuple(float(v) for v in values)
             if len(values) == 1:
                 return values * num_scales
             if len(values) < num_scales:
-                raise ValueError(f"{name} has {len(values)} entries for a schedule of {num_scales} scales")
+                raise ConfigError(f"sampling {name} has {len(values)} entries for a schedule of {num_scales} "
+                                  f"scales: give one value or one per scale")
             return values[:num_scales]
-        return expand(self.cfg, "cfg"), expand(self.tau, "tau")
+        return expand(self.guidance, "guidance"), expand(self.tau, "tau")
 
 
 @dataclasses.dataclass
@@ -208,11 +211,3 @@ def generate(params: nnx.State, text: jax.Array, text_mask: jax.Array, schedule:
 
 
 generate_jit = jax.jit(generate, static_argnames=("schedule", "cfg", "sampling", "h_div_w_template"))
-
-
-def kv_cache_bytes(cfg: InfinityConfig, schedule: schedules.Schedule, batch: int, cfg_batch: bool = True) -> int:
-    """Memory of the self-attention KV cache at the end of a schedule (compute dtype)."""
-    tokens = schedules.sequence_length(schedules.as_schedule(schedule))
-    rows = batch * (2 if cfg_batch else 1)
-    itemsize = np.dtype(jnp.dtype(cfg.compute_dtype)).itemsize if cfg.compute_dtype != "float32" else 4
-    return int(2 * cfg.depth * rows * tokens * cfg.embed_dim * itemsize)

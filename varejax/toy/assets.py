@@ -1,7 +1,7 @@
 """The shipped toy models: trained by `varejax toy train --config.install=True` (default config, seed 0).
 
     pipeline = load_toy_pipeline()                  # varejax.sample.pipeline.Pipeline
-    images = pipeline.generate(["a red circle on a striped background"], [0], SamplingConfig(cfg=(4.0,),
+    images = pipeline.generate(["a red circle on a striped background"], [0], SamplingConfig(guidance=(4.0,),
                                tau=(1.0,), top_p=0.97), TOY_SCHEDULE)
     oracle_params = load_toy_oracle()               # varejax.toy.oracle.classify(oracle_params, images)
 

@@ -29,7 +29,7 @@ def sampling_config(config):
     """The `SamplingConfig` of an eval config (cfg, tau, top_p, greedy)."""
     from varejax.sample.sampler import SamplingConfig
 
-    return SamplingConfig(cfg=(float(config.cfg),), tau=(float(config.tau),), top_k=0, top_p=float(config.top_p),
+    return SamplingConfig(guidance=(float(config.cfg),), tau=(float(config.tau),), top_k=0, top_p=float(config.top_p),
                           greedy=bool(config.greedy))
 
 

@@ -127,7 +127,8 @@ class ToyBench:
                                                int(e.seed) + 10_000 * (i + 1) + offset)
         self.sets["others"] = _other_set("others", self.concepts, int(e.other_prompts), int(e.seed) + 777)
         self.following = _random_set("following", int(e.following_prompts), int(e.seed) + 999)
-        self.sampling = SamplingConfig(cfg=(float(e.guidance),), tau=(float(e.tau),), top_k=0, top_p=float(e.top_p))
+        self.sampling = SamplingConfig(guidance=(float(e.guidance),), tau=(float(e.tau),), top_k=0,
+                                       top_p=float(e.top_p))
         self.batch = int(e.batch_size)
 
     @property
