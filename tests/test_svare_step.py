@@ -21,7 +21,7 @@ converted Infinity model with the fixture inputs:
   bounds 1.6e-7 .. 1.9e-6 (the relative 1e-5 before).
 * frozen parameters bit-identical; the trainable set equals the official one.
 * raw gradients (where stored): |g - g_ref| <= GRAD_AGREEMENT * max|g_ref| per tensor.
-* parameters (where the updates are stored in full): |p - p_ref| <= 4 ulp(p_ref) + 1e-4 |update_ref|
+* parameters (where the updates are stored in full): |p - p_ref| <= 4 ulp(p_ref) + 8 eps |update_ref|
   + 2 S, with p_ref = before + update_fce (+ update_pre), kernels transposed. S is the first-order
   propagation of the gradient difference through torch's AdamW: S_i = sum_s |dp_i/dg_s,i| delta_s,i,
   from the closed form of the two AdamW steps in float64 numpy (tolerances.adam_sensitivities), evaluated
@@ -32,7 +32,10 @@ converted Infinity model with the fixture inputs:
   the update of an element whose gradient is ~eps (1e-8) or whose second-step moment m2 = 0.09 g1 +
   0.1 g2 nearly cancels is as sensitive as lr / eps to its gradient; a float32 gradient difference of
   1e-10 (a different summation order: XLA vs torch's CPU GEMMs) then moves it far more than
-  1e-4 |update|. S is negligible elsewhere; the test prints how many elements need it.
+  8 eps |update|. S is negligible elsewhere; the test prints how many elements need it (the 8 eps
+  |update| was 1e-4 |update| before S was computed from the fixture: it also absorbed the gradient
+  differences of well-conditioned elements; with the official gradients the worst element is at
+  0.25 of the new bound, see test_optimizer_with_official_gradients).
 * per-tensor summaries where only those exist (step1/2 delta absmax and sum): |absmax - ref| <= max_i tol_i
   and |sum - ref| <= sum_i tol_i, tol_i the per-element bound above (the sums are float64 sums of the
   float32 deltas in the fixture; the triangle inequality gives exactly these bounds).
@@ -62,6 +65,10 @@ from varejax.models.config import InfinityConfig
 
 REL = 1e-5
 LOGITS_TOL = 1e-5
+# The float32 rounding of an AdamW update: each side rounds m, v, sqrt, the division and the step (a
+# handful of roundings of <= 1/2 ulp): 8 eps |update|, plus 4 ulp of the parameter for the final sums.
+# It was 1e-4 |update| (840 eps), which also absorbed gradient differences: S does that now.
+UPDATE_REL = 8 * tolerances.EPS32
 GRAD_AGREEMENT = 5e-6  # measured <= 2.6e-6 of the tensor max on svare_tiny (XLA vs torch float32 reassociation)
 SCHED = ((1, 1, 1), (1, 2, 2), (1, 4, 4))
 
@@ -252,12 +259,12 @@ def test_official_iteration(folder, variant, converted_infinity):
         checks = []
         if u1 is not None:
             r1 = p0 + u1
-            checks.append((np.abs(p1 - r1), 4 * ulp(r1) + 1e-4 * np.abs(u1), 2 * S1[path]))
+            checks.append((np.abs(p1 - r1), 4 * ulp(r1) + UPDATE_REL * np.abs(u1), 2 * S1[path]))
             if u2 is not None:
                 r2 = r1 + u2
-                checks.append((np.abs(p2 - r2), 4 * ulp(r2) + 1e-4 * (np.abs(u1) + np.abs(u2)), 2 * S2[path]))
+                checks.append((np.abs(p2 - r2), 4 * ulp(r2) + UPDATE_REL * (np.abs(u1) + np.abs(u2)), 2 * S2[path]))
         elif u2 is not None:  # only step 2 stored: compare the step-2 deltas
-            checks.append((np.abs((p2 - p1) - u2), 4 * ulp(p1) + 1e-4 * np.abs(u2), 2 * Sd2[path]))
+            checks.append((np.abs((p2 - p1) - u2), 4 * ulp(p1) + UPDATE_REL * np.abs(u2), 2 * Sd2[path]))
         for err, strict, extra in checks:
             assert np.all(err <= strict + extra), (path, float(((err - strict) / np.maximum(extra, 1e-30)).max()))
             n_strict_fail += int((err > strict).sum())
@@ -266,8 +273,8 @@ def test_official_iteration(folder, variant, converted_infinity):
             worst = max(worst, float((err / strict).max()))
         summary = info["per_tensor"][key]
         d1_ours, d2_ours = p1 - p0, p2 - p1
-        tol1 = 4 * ulp(p1) + 1e-4 * np.abs(d1_ours) * (1 + 1e-3) + 2 * S1[path]
-        tol2 = 4 * ulp(p2) + 1e-4 * np.abs(d2_ours) * (1 + 1e-3) + 2 * Sd2[path]
+        tol1 = 4 * ulp(p1) + UPDATE_REL * np.abs(d1_ours) * (1 + 1e-3) + 2 * S1[path]
+        tol2 = 4 * ulp(p2) + UPDATE_REL * np.abs(d2_ours) * (1 + 1e-3) + 2 * Sd2[path]
         for d, tol, i in ((d1_ours, tol1, 1), (d2_ours, tol2, 2)):
             err_max = abs(float(np.abs(d).max()) - summary[f"step{i}_delta_absmax"])
             err_sum = abs(float(d.astype(np.float64).sum()) - summary[f"step{i}_delta_sum"])
@@ -349,8 +356,11 @@ def test_official_iteration(folder, variant, converted_infinity):
     report["max_err_over_strict_bound"] = worst
     print(f"{folder.name}-{variant}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                                    for k, v in report.items()))
-    # S is a correction for a few ill-conditioned elements, not a blanket loosening.
-    assert n_strict_fail <= 0.005 * max(n_elems, 1)
+    # S is a correction for a few ill-conditioned elements, not a blanket loosening: where every gradient
+    # difference is measured (not bounded by GRAD_AGREEMENT), few elements may need it (measured 245 of
+    # 790528 on svare_tiny lr_default; with the step-2 gradients unstored, lr_1e_3 needs it in 1.8 %).
+    if all(ref_g1[p] is not g1[p] and ref_g2[p] is not g2[p] for p in g1):
+        assert n_strict_fail <= 0.005 * max(n_elems, 1)
 
 
 @pytest.mark.parity
@@ -385,12 +395,12 @@ def test_optimizer_with_official_gradients(folder, converted_infinity):
                 if u is not None:
                     ref = p_old + u
                     err = np.abs(p_new - ref)
-                    bound = 4 * ulp(ref) + 1e-4 * np.abs(u)
+                    bound = 4 * ulp(ref) + UPDATE_REL * np.abs(u)
                     assert np.all(err <= bound), (variant, kind, path)
                     worst, exact = max(worst, float((err / bound).max())), exact + int((err == 0).sum())
                 summary = info["per_tensor"][upstream_key(path, cfg)[0]]
                 d = p_new - p_old
-                tol = 4 * ulp(p_new) + 1e-4 * np.abs(d) * (1 + 1e-3)
+                tol = 4 * ulp(p_new) + UPDATE_REL * np.abs(d) * (1 + 1e-3)
                 assert abs(float(np.abs(d).max()) - summary[f"step{i + 1}_delta_absmax"]) <= tol.max()
                 assert abs(float(d.astype(np.float64).sum()) - summary[f"step{i + 1}_delta_sum"]) <= tol.sum()
             train = new
@@ -540,6 +550,11 @@ def test_adamw_and_clipping_match_torch_fused():
         for k in p0:
             r = ref[i][k]
             u = r - (ref[i - 1][k] if i else p0[k])
+            # Not UPDATE_REL: our clip coefficient may differ from torch's in its last bits (the global norm's
+            # summation order), scaling the clipped step-2 gradient by (1 + ~eps); where m = b1 m1 + (1 - b1) g
+            # nearly cancels (these gradients span five decades) the update moves by up to ~50 eps |u|
+            # (measured), so this synthetic stress test keeps 1e-4 |u| (no S is computed here; the fixture
+            # tests above hold the update to 8 eps |u| + 2 S).
             bound = 4 * ulp(r) + 1e-4 * np.abs(u)
             err = np.abs(np.asarray(train[k]) - r)
             assert np.all(err <= bound), (i, k, float((err / bound).max()))
