@@ -16,10 +16,11 @@ import torch
 from tests import fixtures
 from varejax.checkpoint import load_infinity
 from varejax.cli import main
+from varejax.convert.arch import infinity_arch
 from varejax.convert.infinity import convert_infinity
 from varejax.convert.infinity_keys import expected_shapes
 from varejax.convert.sources import CheckpointError
-from varejax.models.config import get_preset, load_arch
+from varejax.models.config import get_preset
 
 SHAPE_ONLY = fixtures.root() / "shape_only"
 TINY = fixtures.root() / "infinity_tiny"
@@ -192,7 +193,7 @@ def test_truncated_empty_and_unsafe_files(tmp_path, capsys):
 
 @needs_tiny
 def test_arch_config_mismatch_suggests_sizes(tmp_path, capsys):
-    cfg = load_arch(str(TINY / "config.json"))
+    cfg = infinity_arch(str(TINY / "config.json"))
     other = tmp_path / "other.json"
     other.write_text(json.dumps(cfg.replace(embed_dim=cfg.embed_dim * 2).to_dict()))
     code, _, err = _run(["convert", "infinity", "--src", str(fixtures.checkpoint_file(TINY, "transformer")),

@@ -13,9 +13,10 @@ import torch
 from tests import fixtures
 from varejax.checkpoint import load_vae
 from varejax.cli import main
+from varejax.convert.arch import ArchError, vae_arch
 from varejax.convert.vae import convert_vae
 from varejax.convert.vae_keys import MASK_KEYS, expected_shapes
-from varejax.models.bsq_vae import VAEConfig, get_vae_preset, load_vae_arch
+from varejax.models.bsq_vae import VAEConfig, get_vae_preset
 
 SHAPE_ONLY = fixtures.root() / "shape_only"
 TINY = fixtures.root() / "infinity_tiny"
@@ -208,21 +209,24 @@ def test_truncated_empty_and_unsafe_files(tmp_path, capsys):
 
 
 def test_arch_resolution(tmp_path, capsys):
-    assert load_vae_arch("d32") == get_vae_preset("2b") == VAEConfig()
-    assert load_vae_arch("8b").arch_dict() == dict(codebook_dim=14, patch_size=8, ch_mult=(1, 2, 4, 4), base_ch=128,
+    assert vae_arch("d32") == get_vae_preset("2b") == VAEConfig()
+    assert vae_arch("8b").arch_dict() == dict(codebook_dim=14, patch_size=8, ch_mult=(1, 2, 4, 4), base_ch=128,
                                                    num_res_blocks=2, in_channels=3, out_channels=3, pixel_unshuffle=1)
     ours = tmp_path / "ours.json"
     cfg = get_vae_preset("tiny").replace(compute_dtype="bfloat16")
     ours.write_text(json.dumps({"format": "varejax-vae/1", "model": cfg.to_dict()}))
-    assert load_vae_arch(str(ours)) == cfg
+    assert vae_arch(str(ours)) == cfg
     if (TINY / "config.json").exists():
-        assert load_vae_arch(str(TINY / "config.json")).arch_dict() == get_vae_preset("tiny").arch_dict()
+        assert vae_arch(str(TINY / "config.json")).arch_dict() == get_vae_preset("tiny").arch_dict()
     with pytest.raises(ValueError, match="multiple of 32 or 24"):
         VAEConfig(base_ch=40)
     with pytest.raises(ValueError, match="downsamples"):
         VAEConfig(patch_size=32)
     with pytest.raises(KeyError, match="unknown VAE preset"):
         get_vae_preset("d16")
+    with pytest.raises(ArchError, match="not 'varejax-vae/1'"):  # a transformer's config.json as --arch
+        ours.write_text(json.dumps({"format": "varejax-infinity/1", "model": {}}))
+        vae_arch(str(ours))
     code, _, err = _run(["convert", "vae", "--src", "x.pth", "--arch", "d99", "--dry-run"], capsys)
     assert code == 2 and "unknown VAE preset" in err and "Traceback" not in err
     code, _, err = _run(["convert", "vae", "--src", "x.pth", "--arch", "d32"], capsys)

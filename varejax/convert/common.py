@@ -10,27 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
 from varejax import checkpoint
 from varejax.convert import strict
-from varejax.convert.sources import CheckpointError, CheckpointSource, source_fingerprint
-
-
-class ArchError(CheckpointError):
-    """`--arch` names no preset, or its config file cannot be read or holds no valid config."""
-
-
-def resolve_arch(load: Callable[..., Any], arch: str, **overrides: Any) -> Any:
-    """`load(arch, **overrides)`; what goes wrong there is the user's `--arch`, reported as an ArchError."""
-    try:
-        return load(arch, **overrides)
-    except (KeyError, ValueError, OSError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        raise ArchError(f"--arch {arch}: {message}") from None
+from varejax.convert.sources import CheckpointSource, source_fingerprint
 
 
 @dataclasses.dataclass

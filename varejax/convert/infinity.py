@@ -14,10 +14,11 @@ from __future__ import annotations
 import time
 
 from varejax.convert import strict
-from varejax.convert.common import ConversionReport, finish, plan_report, resolve_arch
+from varejax.convert.arch import infinity_arch
+from varejax.convert.common import ConversionReport, finish, plan_report
 from varejax.convert.infinity_keys import infinity_rules
 from varejax.convert.sources import CheckpointSource, open_checkpoint
-from varejax.models.config import PRESETS, InfinityConfig, load_arch
+from varejax.models.config import PRESETS, InfinityConfig
 
 WRAPPERS = (("trainer", "gpt_fsdp"), ("gpt_fsdp",), ("state_dict",), ("model",))
 
@@ -52,7 +53,7 @@ def convert_infinity(src: str, arch: str, out: str | None, *, dry_run: bool = Fa
       CheckpointError (ConversionError): unreadable file, or keys/shapes that do not match `arch`.
     """
     start = time.time()
-    cfg = resolve_arch(load_arch, arch, param_dtype=param_dtype)
+    cfg = infinity_arch(arch, param_dtype=param_dtype)
     source = open_checkpoint(src, WRAPPERS)
     p = plan_infinity(source, cfg, arch)
     report = plan_report(src, source, p, f"--arch {arch}", details=(f"{len(p.dropped)} buffers checked and dropped",))

@@ -17,10 +17,11 @@ import dataclasses
 import time
 
 from varejax.convert import strict
-from varejax.convert.common import ConversionReport, finish, plan_report, resolve_arch
+from varejax.convert.arch import vae_arch
+from varejax.convert.common import ConversionReport, finish, plan_report
 from varejax.convert.sources import CheckpointSource, open_checkpoint
 from varejax.convert.vae_keys import normalise_key_names, vae_rules
-from varejax.models.bsq_vae import VAE_PRESETS, VAEConfig, load_vae_arch
+from varejax.models.bsq_vae import VAE_PRESETS, VAEConfig
 
 WRAPPERS = (("vae",), ("ema",), ("state_dict",))
 
@@ -75,7 +76,7 @@ def convert_vae(src: str, arch: str, out: str | None, *, dry_run: bool = False, 
       CheckpointError (ConversionError): unreadable file, or keys/shapes/buffers that do not match `arch`.
     """
     start = time.time()
-    cfg = resolve_arch(load_vae_arch, arch, param_dtype=param_dtype)
+    cfg = vae_arch(arch, param_dtype=param_dtype)
     source = open_checkpoint(src, WRAPPERS)
     p, source = plan_vae(source, cfg, arch)
     if dry_run:

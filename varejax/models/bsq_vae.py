@@ -29,7 +29,6 @@ fixture: d 32, patch 16, base_ch 32, ch_mult 1,1,1,2,2).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Any
 
@@ -175,27 +174,6 @@ VAE_PRESET_ALIASES = {"2b": "d32", "infinity_2b": "d32", "8b": "d14", "infinity_
 
 def get_vae_preset(name: str) -> VAEConfig:
     return lookup_preset(name, VAE_PRESETS, VAE_PRESET_ALIASES, "VAE")
-
-
-def load_vae_arch(spec: str, **overrides: Any) -> VAEConfig:
-    """Resolves `--arch` for the tokenizer: a preset (d32, d14, tiny, 2b, 8b) or a JSON file.
-
-    A JSON file may hold our own config (`{"format": "varejax-vae/1", "model": {...}}` as the converter
-    writes it, or the bare field dict) or an upstream fixture config (its `vae_config`).
-    """
-    if not spec.endswith(".json"):
-        return get_vae_preset(spec).replace(**overrides)
-    with open(spec) as f:
-        data = json.load(f)
-    if not isinstance(data, dict):
-        raise ValueError(f"{spec}: expected a JSON object")
-    if "vae_config" in data:
-        return VAEConfig.from_upstream(data["vae_config"], **overrides)
-    if "model" in data and isinstance(data["model"], dict):
-        if data.get("format", "varejax-vae/1") != "varejax-vae/1":
-            raise ValueError(f"{spec}: a {data.get('format')!r} model config, not a tokenizer (varejax-vae/1)")
-        data = data["model"]
-    return VAEConfig.from_dict({**data, **overrides})
 
 
 # ---- modules ---------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ Presets: `infinity_2b`, `infinity_8b` (the released models, see docs/infinity.md
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 from varejax.models.config_base import ModelConfig, lookup_preset
@@ -272,26 +271,6 @@ PRESET_ALIASES = {"2b": "infinity_2b", "8b": "infinity_8b"}
 
 def get_preset(name: str) -> InfinityConfig:
     return lookup_preset(name, PRESETS, PRESET_ALIASES, "Infinity")
-
-
-def load_arch(spec: str, **overrides: Any) -> InfinityConfig:
-    """Resolves `--arch`: a preset name (2b, 8b, infinity_2b, ...) or a JSON file.
-
-    A JSON file may hold our own config (`{"model": {...}}` as written by the converter, or the bare
-    field dict) or an upstream fixture config (`infinity_constructor_kwargs` + `vae_config`).
-    """
-    if not spec.endswith(".json"):
-        return get_preset(spec).replace(**overrides)
-    with open(spec) as f:
-        data = json.load(f)
-    if "infinity_constructor_kwargs" in data:
-        codebook_dim = data.get("vae_config", {}).get("codebook_dim")
-        if codebook_dim is None:
-            raise ValueError(f"{spec}: upstream config has no vae_config.codebook_dim (bits per token)")
-        return InfinityConfig.from_upstream_kwargs(data["infinity_constructor_kwargs"], codebook_dim, **overrides)
-    if "model" in data and isinstance(data["model"], dict):
-        data = data["model"]
-    return InfinityConfig.from_dict({**data, **overrides})
 
 
 def count_params_formula(cfg: InfinityConfig) -> int:

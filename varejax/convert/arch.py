@@ -1,0 +1,74 @@
+"""`--arch` of the converters: a preset name or a JSON file, resolved to a model config.
+
+A JSON file may hold a model folder's `config.json` (`{"format": ..., "model": {...}}`, whose format must
+be the converted model's), the bare field dict of our config, or an upstream fixture config
+(`infinity_constructor_kwargs` + `vae_config`). Whatever is wrong with `--arch` (no such preset, an
+unreadable file, a config of another model, invalid fields) is an `ArchError`, a user error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from varejax.checkpoint import FORMATS
+from varejax.convert.sources import CheckpointError
+from varejax.models.bsq_vae import VAEConfig, get_vae_preset
+from varejax.models.config import InfinityConfig, get_preset
+
+
+class ArchError(CheckpointError):
+    """`--arch` names no preset, or its file cannot be read or holds no valid config of the model."""
+
+
+@contextlib.contextmanager
+def _arch_errors(spec: str) -> Iterator[None]:
+    """Reports what goes wrong while resolving `spec` as an ArchError naming it."""
+    try:
+        yield
+    except ArchError:
+        raise
+    except (KeyError, ValueError, OSError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        raise ArchError(f"--arch {spec}: {message}") from None
+
+
+def _read_json(spec: str, kind: str) -> dict[str, Any]:
+    """The JSON object of `spec`, unwrapped from a model folder's config.json (format checked)."""
+    with open(spec) as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ArchError(f"--arch {spec}: expected a JSON object")
+    if isinstance(data.get("model"), dict):
+        if data.get("format", FORMATS[kind]) != FORMATS[kind]:
+            raise ArchError(f"--arch {spec}: a {data['format']!r} model config, not {FORMATS[kind]!r}")
+        return data["model"]
+    return data
+
+
+def infinity_arch(spec: str, **overrides: Any) -> InfinityConfig:
+    """The transformer config of `--arch`: a preset (2b, 8b, infinity_2b, ...) or a JSON file."""
+    with _arch_errors(spec):
+        if not spec.endswith(".json"):
+            return get_preset(spec).replace(**overrides)
+        data = _read_json(spec, "infinity")
+        if "infinity_constructor_kwargs" in data:
+            codebook_dim = data.get("vae_config", {}).get("codebook_dim")
+            if codebook_dim is None:
+                raise ArchError(f"--arch {spec}: upstream config has no vae_config.codebook_dim (bits per token)")
+            return InfinityConfig.from_upstream_kwargs(data["infinity_constructor_kwargs"], codebook_dim,
+                                                       **overrides)
+        return InfinityConfig.from_dict({**data, **overrides})
+
+
+def vae_arch(spec: str, **overrides: Any) -> VAEConfig:
+    """The tokenizer config of `--arch`: a preset (d32, d14, tiny, 2b, 8b) or a JSON file."""
+    with _arch_errors(spec):
+        if not spec.endswith(".json"):
+            return get_vae_preset(spec).replace(**overrides)
+        data = _read_json(spec, "vae")
+        if "vae_config" in data:
+            return VAEConfig.from_upstream(data["vae_config"], **overrides)
+        return VAEConfig.from_dict({**data, **overrides})
