@@ -52,11 +52,11 @@ def missing_mark(what: str) -> pytest.MarkDecorator:
     return pytest.mark.skip(reason=reason) if missing_allowed() else pytest.mark.missing_fixture(reason=reason)
 
 
-def requires(*names: str) -> pytest.MarkDecorator:
-    """A mark for tests that read the given paths under the root: nothing when all exist, else
-    `missing_mark`."""
+def requires(*names: str):
+    """A decorator for tests that read the given paths under the root: `missing_mark` when one is absent,
+    else the test unchanged."""
     absent = [name for name in names if not (root() / name).exists()]
-    return missing_mark(", ".join(absent)) if absent else pytest.mark.usefixtures()
+    return missing_mark(", ".join(absent)) if absent else (lambda test: test)
 
 
 def require(path: Path) -> Path:
