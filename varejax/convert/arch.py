@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from varejax.checkpoint import FORMATS
@@ -48,27 +48,35 @@ def _read_json(spec: str, kind: str) -> dict[str, Any]:
     return data
 
 
-def infinity_arch(spec: str, **overrides: Any) -> InfinityConfig:
-    """The transformer config of `--arch`: a preset (2b, 8b, infinity_2b, ...) or a JSON file."""
+def _resolve(spec: str, kind: str, preset: Callable[[str], Any], config_cls: Any,
+             from_upstream: Callable[[str, dict[str, Any], dict[str, Any]], Any], overrides: dict[str, Any]) -> Any:
+    """A preset, or a JSON file: upstream's config when `from_upstream` reads one (else None), or ours."""
     with _arch_errors(spec):
         if not spec.endswith(".json"):
-            return get_preset(spec).replace(**overrides)
-        data = _read_json(spec, "infinity")
-        if "infinity_constructor_kwargs" in data:
-            codebook_dim = data.get("vae_config", {}).get("codebook_dim")
-            if codebook_dim is None:
-                raise ArchError(f"--arch {spec}: upstream config has no vae_config.codebook_dim (bits per token)")
-            return InfinityConfig.from_upstream_kwargs(data["infinity_constructor_kwargs"], codebook_dim,
-                                                       **overrides)
-        return InfinityConfig.from_dict({**data, **overrides})
+            return preset(spec).replace(**overrides)
+        data = _read_json(spec, kind)
+        cfg = from_upstream(spec, data, overrides)
+        return cfg if cfg is not None else config_cls.from_dict({**data, **overrides})
+
+
+def _infinity_upstream(spec: str, data: dict[str, Any], overrides: dict[str, Any]) -> InfinityConfig | None:
+    if "infinity_constructor_kwargs" not in data:
+        return None
+    codebook_dim = data.get("vae_config", {}).get("codebook_dim")
+    if codebook_dim is None:
+        raise ArchError(f"--arch {spec}: upstream config has no vae_config.codebook_dim (bits per token)")
+    return InfinityConfig.from_upstream_kwargs(data["infinity_constructor_kwargs"], codebook_dim, **overrides)
+
+
+def _vae_upstream(spec: str, data: dict[str, Any], overrides: dict[str, Any]) -> VAEConfig | None:
+    return VAEConfig.from_upstream(data["vae_config"], **overrides) if "vae_config" in data else None
+
+
+def infinity_arch(spec: str, **overrides: Any) -> InfinityConfig:
+    """The transformer config of `--arch`: a preset (2b, 8b, infinity_2b, ...) or a JSON file."""
+    return _resolve(spec, "infinity", get_preset, InfinityConfig, _infinity_upstream, overrides)
 
 
 def vae_arch(spec: str, **overrides: Any) -> VAEConfig:
     """The tokenizer config of `--arch`: a preset (d32, d14, tiny, 2b, 8b) or a JSON file."""
-    with _arch_errors(spec):
-        if not spec.endswith(".json"):
-            return get_vae_preset(spec).replace(**overrides)
-        data = _read_json(spec, "vae")
-        if "vae_config" in data:
-            return VAEConfig.from_upstream(data["vae_config"], **overrides)
-        return VAEConfig.from_dict({**data, **overrides})
+    return _resolve(spec, "vae", get_vae_preset, VAEConfig, _vae_upstream, overrides)
