@@ -89,7 +89,8 @@ def preservation_logit_grad(student_logits, teacher_logits, reg_lambda: float) -
 def loss_bound_from_logits(logit_grad, logits_err, loss_ref, terms: int, k: float = 4.0) -> float:
     """|L(z) - L(z_ref)| <= sum |dL/dz| |z - z_ref| (first order; the second order is below 1e-3 of it
     for logit errors ~1e-5, as both losses' Hessians are <= 1/4 per pair) plus the float32 rounding of
-    the loss itself, a mean over `terms` entries."""
+    the loss itself, a pairwise mean over `terms` entries: k eps |L| sqrt(log2 terms) (the rounding
+    errors of the log2(terms) levels of a pairwise sum add as a random walk)."""
     first = float(np.sum(np.abs(logit_grad) * np.abs(np.asarray(logits_err, np.float64))))
     return 1.01 * first + float(rounding_bound(abs(float(loss_ref)), np.log2(terms), k))
 
