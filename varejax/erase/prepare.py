@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from varejax.batching import padded_batches
 from varejax.data.pairs import PromptPair
 from varejax.erase.step import teacher_logits_jit
 from varejax.models import schedules
@@ -91,10 +92,10 @@ def prepare_trajectories(pairs: Sequence[PromptPair], *, params: Any, cfg: Infin
     todo = [i for i in mine if not trajectory_path(out_dir, i).exists()]
     sampler_cfg = cfg.replace(cond_drop_rate=0.0, drop_path_rate=0.0)
     batch = max(1, tcfg.batch_size)
-    for start in tqdm(range(0, len(todo), batch), desc="anchor trajectories", unit="batch",
-                      disable=not (progress and todo)):
-        chunk = todo[start:start + batch]
-        padded = chunk + [chunk[-1]] * (batch - len(chunk))  # full batches: one compile
+    for idx, count in tqdm(list(padded_batches(len(todo), batch)), desc="anchor trajectories", unit="batch",
+                           disable=not (progress and todo)):
+        padded = [todo[k] for k in idx]  # full batches (the last repeats its final pair): one compile
+        chunk = padded[:count]
         anchor_text, anchor_mask = encode_text([pairs[i].anchor for i in padded])
         target_text, target_mask = encode_text([pairs[i].target for i in padded])
         keys = jax.vmap(jax.random.key)(np.asarray([tcfg.seed_of(i) for i in padded], np.uint32))
