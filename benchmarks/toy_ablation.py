@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -89,7 +91,8 @@ def main() -> None:
     header = ["variant", "erasure rate (seen)", "erasure rate (paraphrase)", "preservation", "toy FID"]
     (workdir / "ablation.json").write_text(json.dumps({"concepts": bench.concepts, "steps": int(config.train.steps),
                                                        "variants": records,
-                                                       "wall_time_s": round(time.time() - start, 1)}, indent=1))
+                                                       "wall_time_s": round(time.time() - start, 1),
+                                                       "command": shlex.join(["python", *sys.argv])}, indent=1))
     (workdir / "ablation.md").write_text(f"# Toy ablation: {', '.join(bench.concepts)}\n\n"
                                          + markdown_table(header, rows) + "\n")
     print(text_table(header, rows))
