@@ -26,7 +26,7 @@ jax.config.update("jax_compilation_cache_dir",
                   os.environ.get("VAREJAX_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
 
-from tests import fixtures  # noqa: E402
+from tests import fixtures, measured  # noqa: E402
 
 
 def _xla_line() -> str:
@@ -46,7 +46,10 @@ def pytest_runtest_setup(item):
 
 def pytest_sessionfinish(session, exitstatus):
     """Fails the run when a fixture kind the suite needs is absent or unreadable, whichever tests ran
-    (unless VAREJAX_ALLOW_MISSING_FIXTURES=1)."""
+    (unless VAREJAX_ALLOW_MISSING_FIXTURES=1); writes the parity checks' measured errors to
+    $VAREJAX_MEASURED when set (tests/measured.py)."""
+    measured.write_if_requested(xla_optimisation="-O0" if XLA_O0 else "default", fixtures=fixtures.summary()[0],
+                                passed=exitstatus == pytest.ExitCode.OK)
     _, problems = fixtures.summary()
     if problems and not fixtures.missing_allowed() and exitstatus in (pytest.ExitCode.OK,
                                                                        pytest.ExitCode.NO_TESTS_COLLECTED):

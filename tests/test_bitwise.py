@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests import measured
 from varejax.models import bitwise, patchify
 
 F = torch.nn.functional
@@ -28,6 +29,7 @@ AREA_CASES = [((64, 64), (12, 12)), ((64, 64), (20, 20)), ((7, 7), (3, 3)), ((64
               ((16, 16), (6, 6)), ((64, 64), (1, 1)), ((3, 5), (7, 4))]
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("src, dst", AREA_CASES)
 def test_area_resize_matches_torch(src, dst):
     rng = np.random.RandomState(sum(src) + sum(dst))
@@ -38,7 +40,7 @@ def test_area_resize_matches_torch(src, dst):
     # Real-valued inputs: only the summation order may differ (a few float32 ulps).
     x = rng.randn(2, *src, 5).astype(np.float32)
     err = np.abs(np.asarray(bitwise.area_resize(x, dst)) - _torch_resize(x, dst, "area")).max()
-    assert err <= 1e-6, err
+    measured.check("bitwise/area_resize_vs_torch", err, 1e-6, what="max abs error (worst of the sizes)")
 
 
 BILINEAR_CASES = [((64, 64), (12, 12)), ((16, 16), (6, 6)), ((7, 7), (3, 3)), ((16, 16), (1, 1)),
@@ -46,11 +48,12 @@ BILINEAR_CASES = [((64, 64), (12, 12)), ((16, 16), (6, 6)), ((7, 7), (3, 3)), ((
                   ((12, 20), (5, 8)), ((4, 4), (4, 4))]
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("src, dst", BILINEAR_CASES)
 def test_bilinear_resize_matches_torch_trilinear(src, dst):
     x = np.random.RandomState(sum(src) * 7 + sum(dst)).randn(2, *src, 4).astype(np.float32)
     err = np.abs(np.asarray(bitwise.bilinear_resize(x, dst)) - _torch_resize(x, dst, "trilinear")).max()
-    assert err <= 1e-6, err
+    measured.check("bitwise/bilinear_resize_vs_torch_trilinear", err, 1e-6, what="max abs error (worst of the sizes)")
 
 
 def test_bilinear_is_not_antialiased():

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests import fixtures, tolerances
+from tests import fixtures, measured, tolerances
 from varejax.checkpoint import load_infinity, load_vae
 from varejax.images import to_uint8
 from varejax.models.bsq_vae import decode_jit
@@ -69,7 +69,8 @@ def test_greedy_generation_matches_upstream(folder, prefix, converted_infinity, 
             ref_head = infer[f"{prefix}fp32__head_logits_2B_s{s}"]
             err_head = np.abs(head - ref_head)
             head_bound = min(1e-4, float(tolerances.rounding_bound(np.abs(ref_head).max(), k=16)) * (depth + 2))
-            assert err_head.max() <= head_bound, (s, float(err_head.max()), head_bound)
+            measured.check(f"{folder.name}/sampler/{prefix}fp32__head_logits_2B", err_head.max(), head_bound,
+                           what="max abs error (worst scale, against that scale's bound)")
             worst["head"] = max(worst["head"], float(err_head.max()))
             n = ref_cfg.shape[0]
             # Each side rounds g c, (1 - g) u, their sum and the 1 / tau scaling (4 roundings of <= 1/2 ulp).
@@ -80,7 +81,8 @@ def test_greedy_generation_matches_upstream(folder, prefix, converted_infinity, 
             head_bound = float(tolerances.rounding_bound(np.abs(head).max(), k=16)) * (depth + 2)
             bound = np.full(err.shape, (abs(g) + abs(1 - g)) / tau * head_bound)
         bound = np.minimum(bound, 1e-4)
-        assert np.all(err <= bound), (s, float(err.max()), float((err / bound).max()))
+        measured.check_elementwise(f"{folder.name}/sampler/{prefix}fp32__cfg_logits", err, bound,
+                                   what="max abs error / its element's bound (worst scale)")
         worst["cfg"] = max(worst["cfg"], float(err.max()))
         worst["cfg_over_bound"] = max(worst["cfg_over_bound"], float((err / bound).max()))
     ref_summed = infer[f"{prefix}fp32__summed_codes"].transpose(0, 2, 3, 1)  # [B, d, H, W] -> [B, H, W, d]
@@ -89,7 +91,7 @@ def test_greedy_generation_matches_upstream(folder, prefix, converted_infinity, 
     print(f"{folder.name} {prefix or 'main '}: head logits {worst['head']:.3g}, cfg logits {worst['cfg']:.3g} "
           f"(worst err / bound {worst['cfg_over_bound']:.3g}), summed codes {err_summed:.3g} "
           f"(bound {bound_summed:.3g})")
-    assert err_summed <= bound_summed
+    measured.check(f"{folder.name}/sampler/{prefix}fp32__summed_codes", err_summed, bound_summed)
 
     assert (folder / "vae.npz").exists(), f"{folder}: an Infinity fixture holds its tokenizer (vae.npz)"
     vae_cfg, vae_params = load_vae(converted_vae(folder))
@@ -99,7 +101,9 @@ def test_greedy_generation_matches_upstream(folder, prefix, converted_infinity, 
     height, width = ref_image.shape[1:3]
     bound_image = min(1e-3, float(tolerances.rounding_bound(np.abs(ref_image).max(), height * width, k=8)))
     print(f"  decoded image {err_image:.3g} (bound {bound_image:.3g})")
-    assert err_image <= bound_image
+    measured.check(f"{folder.name}/sampler/{prefix}fp32__decoded_img", err_image, bound_image)
     assert prefix or "fp32__img_uint8_bgr" in infer, f"{folder}: no fp32__img_uint8_bgr"
     if f"{prefix}fp32__img_uint8_bgr" in infer:  # upstream writes BGR; ours is RGB
-        assert np.abs(to_uint8(image).astype(int) - infer[f"{prefix}fp32__img_uint8_bgr"][..., ::-1]).max() <= 1
+        measured.check(f"{folder.name}/sampler/{prefix}fp32__img_uint8_bgr",
+                       np.abs(to_uint8(image).astype(int) - infer[f"{prefix}fp32__img_uint8_bgr"][..., ::-1]).max(), 1,
+                       what="max abs difference in uint8 levels")

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests import fixtures
+from tests import fixtures, measured
 from varejax import images
 from varejax.checkpoint import load_vae
 from varejax.models import bitwise, bsq_vae
@@ -56,7 +56,7 @@ def test_tokenizer_end_to_end(folder, converted_vae):
     raw = bsq_vae.encode_jit(params, image, cfg=vae_cfg)
     err = _max_err(raw, _nhwc(ref["raw_features"]))
     print(f"{folder.name} raw_features max abs err {err:.3g}")
-    assert err <= 1e-5
+    measured.check(f"{folder.name}/vae/raw_features", err, 1e-5)
 
     sched = _vae_schedule(cfg_json, "scale_schedule", raw.shape[1:3])
     result = bitwise.multiscale_quantize_jit(raw, sched)
@@ -67,14 +67,15 @@ def test_tokenizer_end_to_end(folder, converted_vae):
         assert mismatched == 0, f"scale {s}: {mismatched} of {expected.size} bits differ"
     err = _max_err(result.z_quantized, _nhwc(ref["z_quantized"]))
     print(f"{folder.name} z_quantized max abs err {err:.3g}")
-    assert err <= 1e-4
+    measured.check(f"{folder.name}/vae/z_quantized", err, 1e-4)
     for s, area in enumerate(result.area_inputs, start=1):
-        assert _max_err(area, _nhwc(ref[f"var_input_area_s{s}"])) <= 1e-4, s
+        measured.check(f"{folder.name}/vae/var_input_area", _max_err(area, _nhwc(ref[f"var_input_area_s{s}"])), 1e-4,
+                       what="max abs error (worst scale)")
 
     summed = bitwise.decode_bits_jit(result.bits, sched)
     err = _max_err(summed, _nhwc(ref["summed_codes_from_bits"]))
     print(f"{folder.name} summed_codes_from_bits max abs err {err:.3g}")
-    assert err <= 1e-4
+    measured.check(f"{folder.name}/vae/summed_codes_from_bits", err, 1e-4)
 
     # One decode program for both latents (same shapes): z and the summed codes of the bits.
     recon = np.asarray(bsq_vae.decode_jit(params, np.concatenate([result.z_quantized, summed]), cfg=vae_cfg))
@@ -82,7 +83,7 @@ def test_tokenizer_end_to_end(folder, converted_vae):
     for name, ours in (("recon_from_z", recon[:B]), ("recon_from_bits", recon[B:])):
         err = _max_err(ours, _nhwc(ref[name]))
         print(f"{folder.name} {name} max abs err {err:.3g}")
-        assert err <= 1e-4, name
+        measured.check(f"{folder.name}/vae/{name}", err, 1e-4)
     assert recon.min() >= -1.0 and recon.max() <= 1.0
 
 
@@ -99,7 +100,7 @@ def test_transformer_training_inputs(folder, converted_vae):
     raw = bsq_vae.encode_jit(params, _nhwc(train["image"]), cfg=vae_cfg)
     err = _max_err(raw, _nhwc(train["fp32__raw_features"]))
     print(f"{folder.name} transformer_train raw_features max abs err {err:.3g}")
-    assert err <= 1e-5
+    measured.check(f"{folder.name}/vae/fp32__raw_features", err, 1e-5)
 
     for prefix, raw_key, sched_key in (("fp32__", "fp32__raw_features", "scale_schedule"),
                                        ("real__fp32__", "real__raw_features", "real_schedule")):
@@ -113,7 +114,7 @@ def test_transformer_training_inputs(folder, converted_vae):
         err = _max_err(x, ref_x)
         print(f"{folder.name} {prefix}gt_bits mismatches {mismatched}, x_BLC_wo_prefix max abs err {err:.3g}")
         assert mismatched == 0
-        assert err <= 1e-6
+        measured.check(f"{folder.name}/vae/{prefix}x_BLC_wo_prefix", err, 1e-6)
 
 
 @pytest.mark.parity
@@ -142,17 +143,18 @@ def test_inference_decode_and_uint8(folder, converted_vae):
 
     summed, codes = accumulate([infer[f"{mode}bits_s{s}"][:, 0] for s in range(len(sizes))])
     for s, c in enumerate(codes):
-        assert _max_err(c, _nhwc(infer[f"{mode}codes_s{s}"])) <= 1e-6, s
+        measured.check(f"{folder.name}/vae/infer_{mode}codes", _max_err(c, _nhwc(infer[f"{mode}codes_s{s}"])), 1e-6,
+                       what="max abs error (worst scale)")
     ref_summed = _nhwc(infer[f"{mode}summed_codes"])
     err = _max_err(summed, ref_summed)
     print(f"{folder.name} infer summed_codes max abs err {err:.3g}")
-    assert err <= 1e-4
+    measured.check(f"{folder.name}/vae/infer_{mode}summed_codes", err, 1e-4)
 
     decoded = np.asarray(bsq_vae.decode_jit(params, ref_summed, cfg=vae_cfg))
     ref_decoded = _nhwc(infer[f"{mode}decoded_img"])
     err = _max_err(decoded, ref_decoded)
     print(f"{folder.name} infer decoded_img max abs err {err:.3g}")
-    assert err <= 1e-4
+    measured.check(f"{folder.name}/vae/infer_{mode}decoded_img", err, 1e-4)
     # The conversion is upstream's (clamp, scale, truncate) and upstream's BGR is the flipped channels: exact
     # on upstream's own floats.
     ref_u8 = infer[f"{mode}img_uint8_bgr"][..., ::-1]
@@ -164,7 +166,9 @@ def test_inference_decode_and_uint8(folder, converted_vae):
     scaled = (np.clip(ref_decoded, -1, 1).astype(np.float64) + 1) * 127.5
     near_step = np.abs(scaled - np.round(scaled)) <= err * 127.5 + 1e-4
     print(f"{folder.name} our uint8 image: {int(differs.sum())} of {differs.size} values differ from upstream's")
-    assert np.abs(ours_u8 - ref_u8).max() <= 1 and not (differs & ~near_step).any()
+    measured.check(f"{folder.name}/vae/infer_{mode}img_uint8", np.abs(ours_u8 - ref_u8).max(), 1,
+                   what="max abs difference in uint8 levels")
+    assert not (differs & ~near_step).any()
 
 
 # ---- sharding ----------------------------------------------------------------------------------------
