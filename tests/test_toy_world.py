@@ -93,7 +93,7 @@ def test_families_are_disjoint_and_pairs_match():
 def test_tokenizer_covers_every_prompt():
     from varejax.models.t5_tokenizer import T5Tokenizer
     from varejax.toy.spec import TEXT_LENGTH, TOY_MIN_VOCAB
-    from varejax.toy.train import build_tokenizer
+    from varejax.toy.trainers import build_tokenizer
 
     tok = T5Tokenizer(build_tokenizer(), min_vocab=TOY_MIN_VOCAB)
     assert (tok.pad_id, tok.eos_id, tok.appends_eos) == (0, 1, True)
