@@ -1,0 +1,272 @@
+"""README figures from the files the code writes: one step to collect results and rewrite README.md.
+
+    python benchmarks/readme_figures.py                                   # rewrite README.md's figure blocks
+    python benchmarks/readme_figures.py --check                           # exit 1 if README.md is stale
+    python benchmarks/readme_figures.py --collect toy_circle=runs/toy/results.json   # then rewrite
+
+Every measured figure of the toy world in README.md sits between `<!-- figures:NAME -->` and
+`<!-- /figures:NAME -->` and is rendered here from a JSON file written by the code:
+
+* `varejax/toy/assets/world.json`: written by `varejax toy train` with the shipped assets;
+* `benchmarks/results/<name>.json`: a verbatim copy (`--collect`) of a run's `results.json`
+  (`varejax erase --config configs/toy_*.py`), `ablation.json` (`benchmarks/toy_ablation.py`) or
+  `base_eval.json` (`varejax toy eval`); each records the command that wrote it.
+
+`tests/test_readme_figures.py` fails when README.md and these files disagree, so a figure cannot go stale
+silently: re-run the command named in a block's source file, `--collect` its output, re-run this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+RESULTS = REPO / "benchmarks" / "results"
+WORLD = REPO / "varejax" / "toy" / "assets" / "world.json"
+
+BLOCK = re.compile(r"(<!-- figures:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /figures:(?P=name) -->)", re.S)
+
+
+def _load(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the command that writes it, then "
+                                f"`python benchmarks/readme_figures.py --collect {path.stem}=RUN/FILE.json`")
+    return json.loads(path.read_text())
+
+
+def result(name: str) -> dict:
+    return _load(RESULTS / f"{name}.json")
+
+
+def _f3(value) -> str:
+    return "" if value is None else f"{float(value):.3f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _source(*paths: str) -> str:
+    return "Source: " + ", ".join(f"`{p}`" for p in paths) + "."
+
+
+def _command(data: dict) -> str:
+    return f"`{data['command']}`" if data.get("command") else "(no command recorded)"
+
+
+# ---- blocks -----------------------------------------------------------------------------------------
+
+def world_block() -> str:
+    w = _load(WORLD)
+    acc, tok, pf, sec = w["oracle_accuracy"], w["tokenizer"], w["prompt_following"], w["seconds"]
+    recon = tok["oracle_on_reconstructions"]
+    rows = [
+        ["oracle, held-out images (shape / colour / background)",
+         f"{_f3(acc['shape'])} / {_f3(acc['colour'])} / {_f3(acc['background'])}"],
+        ["oracle on tokenizer round trips (shape / colour / background)",
+         f"{_f3(recon['shape'])} / {_f3(recon['colour'])} / {_f3(recon['background'])}"],
+        ["tokenizer round-trip MAE (of 255)", f"{tok['reconstruction_mae_uint8']:.1f}"],
+    ]
+    said = pf["all_said"]
+    for attr in ("shape", "colour", "background"):
+        rows.append([f"base model, {attr} asked and drawn (seen / paraphrase, {pf['n']} prompts)",
+                     f"{_f3(said['seen'][attr])} / {_f3(said['paraphrase'][attr])}"])
+    rows.append(["base model, circle prompts that show a circle (seen / paraphrase)",
+                 f"{_f3(pf['circle']['seen'])} / {_f3(pf['circle']['paraphrase'])}"])
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in sec.items() if k not in ("train_total", "total", "this_run_wall"))
+    rows.append(["training time by stage", stages])
+    rows.append(["training time in all", f"{sec['total'] / 60:.0f} min ({sec['total']:.0f} s)"])
+    return _table(["measured", "value"], rows) + "\n\n" + _source("varejax/toy/assets/world.json")
+
+
+def base_values_block() -> str:
+    data = result("toy_base_eval")
+    per_value = data["prompt_following"]["per_value"]
+    rows = []
+    for attr, values in per_value.items():
+        for value, entry in values.items():
+            correct = entry["read_as"].get(value, 0)
+            instead = ", ".join(f"{k} {n}" for k, n in sorted(entry["read_as"].items(), key=lambda kv: -kv[1])
+                                if k != value)
+            rows.append([attr, value, f"{_f3(entry['accuracy'])} ({correct} of {entry['n']})", instead])
+    return (_table(["attribute", "value asked", "drawn (oracle)", "read instead"], rows) + "\n\n"
+            + f"Command: {_command(data)}. " + _source("benchmarks/results/toy_base_eval.json"))
+
+
+def _erase_row(name: str, data: dict) -> list[str]:
+    return [name, f"{_f3(data['erasure_rate_seen_before'])} -> {_f3(data['erasure_rate_seen_after'])}",
+            f"{_f3(data['erasure_rate_paraphrase_before'])} -> {_f3(data['erasure_rate_paraphrase_after'])}",
+            f"{_f3(data['preservation_before'])} -> {_f3(data['preservation_after'])}",
+            f"{data['toy_fid']:.1f} ({data['toy_fid_noise_floor']:.1f})", _f3(data.get("prompt_following")),
+            f"{data['wall_time_s']:.0f} s"]
+
+
+def main_job_block() -> str:
+    data = result("toy_circle")
+    rows = [["erasure rate, seen prompts", _f3(data["erasure_rate_seen_before"]),
+             _f3(data["erasure_rate_seen_after"])],
+            ["erasure rate, unseen paraphrases", _f3(data["erasure_rate_paraphrase_before"]),
+             _f3(data["erasure_rate_paraphrase_after"])],
+            ["preservation, prompts without a circle", _f3(data["preservation_before"]),
+             _f3(data["preservation_after"])],
+            ["toy FID, original vs erased (other prompts)", "", f"{data['toy_fid']:.1f}"],
+            ["toy FID noise floor (original vs itself, other seeds)", "", f"{data['toy_fid_noise_floor']:.1f}"],
+            ["prompt following of the original", _f3(data["prompt_following"]), ""]]
+    return (_table(["metric", "before", "after"], rows) + "\n\n"
+            + f"Wall time {data['wall_time_s']:.0f} s, {data['train_steps']} steps. Command: {_command(data)}. "
+            + _source("benchmarks/results/toy_circle.json"))
+
+
+CONFIG_RUNS = (("toy_circle", "`toy_circle.py` (object; anchor star)"),
+               ("toy_circle_ci", "`toy_circle.py:ci` (reduced, what CI runs)"),
+               ("toy_striped", "`toy_striped.py` (style; anchor plain)"),
+               ("toy_multi", "`toy_multi.py` (circle + striped, pairs pooled)"))
+
+
+def configs_block() -> str:
+    rows, sources = [], []
+    for name, label in CONFIG_RUNS:
+        data = result(name)
+        rows.append(_erase_row(label, data))
+        sources.append(f"benchmarks/results/{name}.json")
+        if len(data.get("per_concept", {})) > 1:
+            for concept, entry in data["per_concept"].items():
+                rows.append([f"... of which {concept}",
+                             f"{_f3(entry['erasure_rate_seen_before'])} -> {_f3(entry['erasure_rate_seen_after'])}",
+                             f"{_f3(entry['erasure_rate_paraphrase_before'])} -> "
+                             f"{_f3(entry['erasure_rate_paraphrase_after'])}", "", "", "", ""])
+    header = ["config", "erasure seen", "erasure paraphrase", "preservation", "toy FID (noise floor)", "following",
+              "wall"]
+    return _table(header, rows) + "\n\n" + _source(*sources)
+
+
+def ablation_block() -> str:
+    data = result("toy_ablation")
+    rows = []
+    for name, m in data["variants"].items():
+        seen = m.get("erasure_rate_seen_after", m.get("erasure_rate_seen_before"))
+        para = m.get("erasure_rate_paraphrase_after", m.get("erasure_rate_paraphrase_before"))
+        pres = m.get("preservation_after", m.get("preservation_before"))
+        fid = m.get("toy_fid")
+        rows.append([name, _f3(seen), _f3(para), _f3(pres), "" if fid is None else f"{fid:.1f}"])
+    return (_table(["variant", "erasure rate (seen)", "erasure rate (paraphrase)", "preservation", "toy FID"], rows)
+            + "\n\n" + f"{data['steps']} steps each, wall time {data['wall_time_s']:.0f} s. "
+            + f"Command: {_command(data)}. " + _source("benchmarks/results/toy_ablation.json"))
+
+
+# Parity checks shown in the visible table (every other check is in the collapsed one below it).
+PARITY_HEADLINE = (
+    "infinity_tiny/fp32__logits_BLV", "infinity_tiny/real__fp32__logits_BLV", "infinity_tiny/activation/head_nm",
+    "infinity_tiny/fp32__loss_uniform", "infinity_tiny/fp32__loss_reweight_by_scale", "infinity_tiny/rope_cos_sin",
+    "infinity_tiny/cabf16__logits_BLV", "infinity_tiny/real__cabf16__logits_BLV",
+    "infinity_tiny/vae/raw_features", "infinity_tiny/vae/recon_from_bits", "infinity_tiny/vae/fp32__x_BLC_wo_prefix",
+    "bitwise/area_resize_vs_torch", "bitwise/bilinear_resize_vs_torch_trilinear",
+    "t5/gated_gelu/last_hidden_state",
+    "infinity_tiny/sampler/fp32__head_logits_2B", "infinity_tiny/sampler/fp32__cfg_logits",
+    "infinity_tiny/sampler/real__fp32__decoded_img",
+    "svare_tiny/case1/loss_fce", "svare_tiny/case1/grad_fce", "svare_tiny/case1/grad_pre",
+    "svare_tiny/lr_default/logits_pre", "svare_tiny/lr_1e_3/logits_pre", "svare_tiny/lr_default/params",
+    "svare_tiny/lr_default/params_beyond_strict_bound",
+)
+
+
+def _g(value: float) -> str:
+    return "0" if value == 0 else f"{value:.2g}"
+
+
+def _parity_rows(names, low: dict, default: dict) -> list[list[str]]:
+    rows = []
+    for name in names:
+        a, b = low[name], default.get(name)
+        rows.append([f"`{name}`", a["what"].replace("|", "\\|"), _g(a["bound"]), _g(a["measured"]),
+                     "" if b is None else _g(b["measured"])])
+    return rows
+
+
+def parity_block() -> str:
+    low, default = result("parity"), result("parity_default_opt")
+    checks_low, checks_default = low["checks"], default["checks"]
+    missing = [n for n in PARITY_HEADLINE if n not in checks_low]
+    if missing:
+        raise KeyError(f"benchmarks/results/parity.json lacks the checks {missing}")
+    header = ["check", "what", "bound", "measured (-O0)", "measured (default opt.)"]
+    rest = [n for n in checks_low if n not in PARITY_HEADLINE]
+    return (_table(header, _parity_rows(PARITY_HEADLINE, checks_low, checks_default)) + "\n\n"
+            + f"<details><summary>All {len(checks_low)} recorded checks</summary>\n\n"
+            + _table(header, _parity_rows(rest, checks_low, checks_default)) + "\n\n</details>\n\n"
+            + f"Commands: `{low['command']}` and `VAREJAX_XLA_O0=0 {default['command']}`, each with "
+            + "`VAREJAX_MEASURED=FILE` (" + low["fixtures"] + "). "
+            + _source("benchmarks/results/parity.json", "benchmarks/results/parity_default_opt.json"))
+
+
+BLOCKS: dict[str, Callable[[], str]] = {
+    "parity": parity_block,
+    "toy_world": world_block,
+    "toy_base_values": base_values_block,
+    "toy_main": main_job_block,
+    "toy_configs": configs_block,
+    "toy_ablation": ablation_block,
+}
+
+
+def render(text: str) -> str:
+    """README text with every figure block re-rendered from its source file."""
+    seen = set()
+
+    def fill(match: re.Match) -> str:
+        name = match["name"]
+        if name not in BLOCKS:
+            raise KeyError(f"README.md has a figure block {name!r} that benchmarks/readme_figures.py does not know")
+        seen.add(name)
+        return match.group(1) + BLOCKS[name]() + "\n" + match.group(4)
+
+    out = BLOCK.sub(fill, text)
+    missing = sorted(set(BLOCKS) - seen)
+    if missing:
+        raise KeyError(f"README.md lacks the figure blocks {missing}")
+    return out
+
+
+def collect(spec: str) -> None:
+    """`NAME=PATH`: copies a JSON file a run wrote into benchmarks/results/NAME.json, verbatim."""
+    name, _, path = spec.partition("=")
+    if not name or not path or not re.fullmatch(r"[a-z0-9_]+", name):
+        raise SystemExit(f"--collect expects NAME=PATH with NAME in [a-z0-9_], got {spec!r}")
+    source = Path(path)
+    json.loads(source.read_text())  # refuse a file that is not JSON before it replaces a good one
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, RESULTS / f"{name}.json")
+    print(f"collected {source} -> {RESULTS / f'{name}.json'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md differs from the files")
+    parser.add_argument("--collect", action="append", default=[], metavar="NAME=PATH")
+    args = parser.parse_args(argv)
+    for spec in args.collect:
+        collect(spec)
+    text = README.read_text()
+    new = render(text)
+    if args.check:
+        if new != text:
+            print("README.md figures are stale: run `python benchmarks/readme_figures.py`", file=sys.stderr)
+            return 1
+        print("README.md figures match their source files")
+        return 0
+    README.write_text(new)
+    print("README.md figures rewritten" if new != text else "README.md figures already up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
