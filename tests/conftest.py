@@ -69,34 +69,30 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             terminalreporter.write_line(f"FAIL: {problem}", red=True, bold=True)
 
 
-@pytest.fixture(scope="session")
-def converted_infinity(tmp_path_factory):
-    """Converts each Infinity fixture once per session through the production converter (CLI path)."""
+def _converted_once(tmp_path_factory, prefix: str, name: str, convert):
+    """A getter that runs `convert(folder, out)` once per fixture folder per session and returns `out`."""
     cache: dict[str, str] = {}
 
     def get(folder: str) -> str:
         if folder not in cache:
-            out = tmp_path_factory.mktemp("converted") / "model"
-            fixtures.convert_transformer(folder, str(out))
+            out = tmp_path_factory.mktemp(prefix) / name
+            convert(folder, str(out))
             cache[folder] = str(out)
         return cache[folder]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def converted_infinity(tmp_path_factory):
+    """Converts each Infinity fixture once per session through the production converter (CLI path)."""
+    return _converted_once(tmp_path_factory, "converted", "model", fixtures.convert_transformer)
 
 
 @pytest.fixture(scope="session")
 def converted_vae(tmp_path_factory):
     """Converts each fixture's tokenizer once per session through the production converter (CLI path)."""
-    cache: dict[str, str] = {}
-
-    def get(folder: str) -> str:
-        if folder not in cache:
-            out = tmp_path_factory.mktemp("converted_vae") / "vae"
-            fixtures.convert_vae(folder, str(out))
-            cache[folder] = str(out)
-        return cache[folder]
-
-    return get
+    return _converted_once(tmp_path_factory, "converted_vae", "vae", fixtures.convert_vae)
 
 
 @pytest.fixture(scope="session")
