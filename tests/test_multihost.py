@@ -4,10 +4,14 @@ one-process run with the same global batch ends."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "local.sh"
@@ -42,3 +46,35 @@ def test_local_launcher_prefixes_ranks_and_stops_all_when_one_fails():
     assert out.returncode == 3, out.stdout
     assert time.time() - start < 10
     assert "rank 1 exited with status 3" in out.stdout and "never" not in out.stdout
+
+
+def test_a_batch_the_mesh_cannot_split_is_refused():
+    from varejax.errors import ConfigError
+    from varejax.parallel import batch_split, check_global_batch, make_mesh
+
+    mesh = make_mesh((2, 2, 2))
+    assert batch_split(mesh) == 4
+    check_global_batch(8, mesh)
+    with pytest.raises(ConfigError) as err:
+        check_global_batch(6, mesh)
+    message = str(err.value)
+    assert "config.train.batch_size = 6" in message and "(2, 2, 2)" in message and "batch_size=8" in message
+
+
+def test_batches_are_global_and_each_process_loads_its_rows(tmp_path):
+    from varejax.erase.data import TrajectoryBatches
+
+    files = []
+    for i in range(5):
+        path = tmp_path / f"{i:06d}.npz"
+        np.savez(path, x_BLC_wo_prefix=np.full((2, 3), i, np.float32), gt_bits=np.zeros((3, 2), np.int8),
+                 teacher_logits=np.zeros((3, 4), np.float32), concept_logits=np.zeros((3, 4), np.float32),
+                 anchor_text=np.ones((2, 4), np.float32), target_text=np.ones((3, 4), np.float32),
+                 pair=np.asarray(json.dumps({"target": "t", "anchor": "a"})))
+        files.append(path)
+    whole = TrajectoryBatches(files, 4, 7, 8)
+    halves = [TrajectoryBatches(files, 4, 7, 8, rows=slice(0, 2)), TrajectoryBatches(files, 4, 7, 8, rows=slice(2, 4))]
+    for step in range(4):
+        joined = {k: np.concatenate([h[step][k] for h in halves]) for k in whole[step]}
+        for key, value in whole[step].items():
+            np.testing.assert_array_equal(joined[key], value)
