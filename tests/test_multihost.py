@@ -174,3 +174,21 @@ def test_a_lost_process_stops_the_other_within_a_minute(tmp_path):
     assert procs[0].returncode != 0, log
     assert elapsed < 60, f"the survivor took {elapsed:.0f} s"
     assert "Task 1" in log, log[-3000:]
+
+
+def test_two_processes_sample_like_one(tmp_path):
+    """`varejax sample` (the embedded toy world) on two processes: every process samples every batch, process
+    0 alone writes; the images, records and grid are those of one process, byte for byte."""
+    cmd = f"{sys.executable} -m varejax.cli sample --config.batch_size=4 --workdir"
+    single = subprocess.run(f"{cmd} {tmp_path / 'one'}", shell=True, cwd=REPO, env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    assert single.returncode == 0, single.stdout[-3000:]
+    out = _launch(2, f"{cmd} {tmp_path / 'two'}", 300)
+    assert out.returncode == 0, out.stdout[-3000:]
+    one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*")
+                 if p.is_file() and "text_cache" not in p.parts)
+    two = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*")
+                 if p.is_file() and "text_cache" not in p.parts)
+    assert one == two and len(one) == 4 * 2 + 1  # no temporary files left behind
+    for rel in one:  # images, records, grid
+        assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes(), rel
