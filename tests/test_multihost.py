@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -104,20 +105,31 @@ def one_process_run(tmp_path_factory):
     return workdir
 
 
+_TWO_PROCESS_RUNS: dict = {}
+
+
+def _two_process_run(mesh, tmp_path_factory, extra: str = ""):
+    """(workdir, launcher output, seconds) of the small toy job on two processes (kept for the session)."""
+    if (mesh, extra) not in _TWO_PROCESS_RUNS:
+        workdir = tmp_path_factory.mktemp("multihost") / "two"
+        start = time.time()
+        out = _launch(2, f"{CLI} --workdir {workdir} {' '.join(SMALL)} --config.mesh.shape='{mesh}' {extra}", 900)
+        assert out.returncode == 0, out.stdout[-6000:]
+        _TWO_PROCESS_RUNS[mesh, extra] = (workdir, out, time.time() - start)
+    return _TWO_PROCESS_RUNS[mesh, extra]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh", [(2, 1, 1), (1, 2, 1)], ids=["data", "fsdp"])
-def test_two_processes_erase_like_one(one_process_run, tmp_path, mesh):
+def test_two_processes_erase_like_one(one_process_run, tmp_path_factory, mesh):
     """`launch/local.sh 2 "varejax erase --config configs/toy_circle.py:ci ..."` on a mesh across the two
     processes (data parallel (2, 1, 1), or FSDP (1, 2, 1): parameters sharded across them) against one
     process with the same global batch: the same trajectory bits, the same results.json numbers, and
     deltas equal up to float32 rounding of the split computation."""
     from safetensors.numpy import load_file
 
-    one, two = one_process_run, tmp_path / "two"
-    start = time.time()
-    out = _launch(2, f"{CLI} --workdir {two} {' '.join(SMALL)} --config.mesh.shape='{mesh}'", 900)
-    two_s = time.time() - start
-    assert out.returncode == 0, out.stdout[-6000:]
+    one = one_process_run
+    two, out, two_s = _two_process_run(mesh, tmp_path_factory)
     axes = " x ".join(f"{name}={size}" for name, size in zip(("data", "fsdp", "tensor"), mesh, strict=True))
     assert f"[0] varejax: 2 processes, 2 cpu devices (1 here), mesh {axes}" in out.stdout
     assert "[1] varejax:" not in out.stdout  # process 0 reports, process 1 does not write
@@ -139,6 +151,41 @@ def test_two_processes_erase_like_one(one_process_run, tmp_path, mesh):
                    "max |delta(2 processes) - delta(1 process)|, toy job, 4 steps")
     assert _results(one) == _results(two)
     assert (two / "model" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_killed_mid_training_resume_to_the_same_parameters(tmp_path, tmp_path_factory):
+    """Rank 1 SIGKILLed after the step-2 checkpoint (the launcher then stops rank 0); the same command again
+    resumes from the last checkpoint and ends with the uninterrupted two-process run's deltas, bit for bit."""
+    from safetensors.numpy import load_file
+
+    mesh = (2, 1, 1)
+    reference, _, _ = _two_process_run(mesh, tmp_path_factory)
+    workdir = tmp_path / "killed"
+    # `exec` makes each rank's pid the Python process's, written where the test can read it.
+    command = (f"echo $$ > {tmp_path}/pid.$JAX_PROCESS_ID; exec {CLI} --workdir {workdir} {' '.join(SMALL)} "
+               f"--config.mesh.shape='{mesh}' --config.train.checkpoint_every=1")
+    victim = subprocess.Popen(["bash", str(LAUNCH), "2", command], cwd=REPO, env=_env(), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    checkpoints = workdir / "checkpoints"
+    deadline = time.time() + 600
+    while time.time() < deadline and victim.poll() is None:
+        if checkpoints.is_dir() and any(p.name.isdigit() and int(p.name) >= 2 for p in checkpoints.iterdir()):
+            break
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run finished before it could be killed: " + victim.communicate()[0][-3000:]
+    os.kill(int((tmp_path / "pid.1").read_text()), signal.SIGKILL)
+    log = victim.communicate(timeout=120)[0]
+    assert victim.returncode != 0 and "rank 1 exited with status" in log, log[-3000:]
+    assert not (workdir / "delta.safetensors").exists()
+
+    out = _launch(2, command, 900)
+    assert out.returncode == 0, out.stdout[-6000:]
+    a, b = load_file(str(reference / "delta.safetensors")), load_file(str(workdir / "delta.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert _results(reference) == _results(workdir)
 
 
 def test_a_lost_process_stops_the_other_within_a_minute(tmp_path):
