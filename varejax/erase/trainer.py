@@ -206,6 +206,18 @@ class ErasureSetup:
     preloaded: bool
 
 
+def checked_mesh(config: Any):
+    """The mesh of `config.mesh`, refused (ConfigError) when it leaves a process without devices or cannot
+    split the global batch `config.train.batch_size`; cheap, so jobs call it before any work."""
+    from varejax.configlib import rules_tuple
+    from varejax.parallel import check_global_batch, check_mesh_spans_processes, make_mesh
+
+    mesh = make_mesh(tuple(config.mesh.shape))
+    check_mesh_spans_processes(mesh)
+    check_global_batch(int(config.train.batch_size), mesh, rules_tuple(config.mesh.rules))
+    return mesh
+
+
 def setup_erase(config: Any, workdir: str | os.PathLike, *, models: Any = None,
                 config_dir: str | None = None) -> ErasureSetup:
     """Starts JAX (multi-host too), makes the mesh, loads (or adapts the preloaded) models and the pairs.
@@ -217,15 +229,12 @@ def setup_erase(config: Any, workdir: str | os.PathLike, *, models: Any = None,
       config_dir: folder that relative pair-file paths are read from when not found as given.
     """
     from varejax.configlib import rules_tuple
-    from varejax.parallel import check_global_batch, check_mesh_spans_processes, make_mesh
     from varejax.parallel.distributed import announce, initialize
 
     initialize()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    mesh = make_mesh(tuple(config.mesh.shape))
-    check_mesh_spans_processes(mesh)
-    check_global_batch(int(config.train.batch_size), mesh, rules_tuple(config.mesh.rules))
+    mesh = checked_mesh(config)
     announce(mesh)
     rules = rules_tuple(config.mesh.rules)
     if models is None:

@@ -211,10 +211,11 @@ def write_pair_files(config: Any, workdir: Path) -> None:
 
 def run_toy_job(config: Any, workdir: str | Path, *, verbose: bool = True) -> dict[str, Any]:
     """The whole toy job; returns (and writes) the results dict."""
-    from varejax.erase.trainer import run_erase
+    from varejax.erase.trainer import checked_mesh, run_erase
     from varejax.parallel.distributed import is_main_process, to_local
 
     start = time.time()
+    checked_mesh(config)  # a mesh or batch that cannot work stops here, before any sampling
     bench = ToyBench(config, workdir)
     workdir = bench.workdir
     write_pair_files(config, workdir)
