@@ -106,7 +106,10 @@ def save_params(directory: str | os.PathLike, flat: Mapping[tuple[str, ...], np.
     """Writes a flat {path: array} parameter dict as an orbax checkpoint at `directory` (must not exist)."""
     import orbax.checkpoint as ocp
 
-    checkpointer = ocp.StandardCheckpointer()
+    # Host arrays, one writer: the process that calls this saves alone (no barrier with the others).
+    me = jax.process_index()
+    checkpointer = ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}))
     checkpointer.save(Path(directory).absolute(), nest(flat))
     checkpointer.wait_until_finished()
 

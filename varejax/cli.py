@@ -56,9 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, overrides = configlib.parse_args(parser, argv)
     try:
+        if args.stage == "convert" and overrides:
+            parser.error("convert takes no --config.* overrides")
+        if args.stage != "config":  # joins a multi-host job before anything can start the XLA backend
+            from varejax.parallel.distributed import initialize
+            initialize()
         if args.stage == "convert":
-            if overrides:
-                parser.error("convert takes no --config.* overrides")
             return convert_cli.run(args)
         return args.run(args, overrides)
     except UserError as err:

@@ -107,7 +107,8 @@ class Checkpoints:
         wanted = named_leaves(like)
         stored = named_leaves(self.manager.item_metadata(step).tree)
         self._check(step, wanted, stored)
-        abstract = {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+        shardings = _restore_shardings(wanted)
+        abstract = {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings[name])
                     for name, x in wanted.items()}
         restored = named_leaves(self.manager.restore(step, args=ocp.args.StandardRestore(_nest(abstract))))
         # `named_leaves(like)` lists the leaves in `jax.tree.flatten(like)` order.
@@ -137,3 +138,20 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+
+def _restore_shardings(leaves: dict[str, Any]) -> dict[str, Any]:
+    """Where each leaf of `like` is restored: its own sharding. On several processes, a leaf that lives on
+    one device of this process only (e.g. an optimiser step count made outside the mesh) is replicated
+    over the mesh of the other leaves instead: a committed single-device array could not enter the
+    training step next to arrays that span the processes."""
+    shardings = {name: getattr(x, "sharding", None) for name, x in leaves.items()}
+    if jax.process_count() == 1:
+        return shardings
+    meshes = [s.mesh for s in shardings.values() if isinstance(s, jax.sharding.NamedSharding)]
+    if not meshes:
+        return shardings
+    replicated = jax.sharding.NamedSharding(meshes[0], jax.sharding.PartitionSpec())
+    return {name: s if s is None or isinstance(s, jax.sharding.NamedSharding) else replicated
+            for name, s in shardings.items()}

@@ -1,8 +1,9 @@
 """Training batches of S-VARE from the stored trajectories, as a random-access grain dataset.
 
-`TrajectoryBatches(files, batch_size, seed)[step]` is the batch of training step `step`: the pairs are
-sharded over processes, shuffled per epoch with the seed, repeated, and batched (text padded to one
-length for the whole run, so the step compiles once). Because batches are addressed by step, the data
+`TrajectoryBatches(files, batch_size, seed, text_len)[step]` is the batch of training step `step`: the
+pairs shuffled with the seed, repeated, and cut into global batches (text padded to one length for the
+whole run, so the step compiles once); on several processes each loads only its rows of each batch, so
+the batches do not depend on the number of processes. Because batches are addressed by step, the data
 iterator's state *is* the step number: a resumed run continues exactly where it stopped.
 """
 
@@ -32,22 +33,28 @@ def text_length(files: Sequence[str | os.PathLike], multiple: int = 8) -> int:
 
 
 class TrajectoryBatches:
-    """Random-access training batches (dict of numpy arrays, process-local) by step number."""
+    """Random-access training batches (dict of numpy arrays) by step number.
+
+    `batch_size` is the GLOBAL batch: batch k is the same rows whatever the number of processes. A
+    process of a multi-host run loads only its share, `rows` (a slice of the global batch; default all).
+    """
 
     def __init__(self, files: Sequence[str | os.PathLike], batch_size: int, seed: int, text_len: int,
-                 process_index: int = 0, process_count: int = 1):
+                 rows: slice | None = None):
         import grain
 
         self.files = [str(f) for f in files]
         self.text_len = text_len
-        local = self.files[process_index::process_count]
-        if not local:
-            raise ValueError(f"process {process_index} of {process_count} has no pairs ({len(self.files)} in all)")
-        if len(local) < batch_size:
+        self.batch_size = batch_size
+        self.rows = range(batch_size)[rows if rows is not None else slice(None)]
+        if not self.files:
+            raise ValueError("no trajectories to train on")
+        files = self.files
+        if len(files) < batch_size:
             # Fewer pairs than a batch: repeat them so every batch is full.
-            local = [local[i % len(local)] for i in range(batch_size)]
-        self.dataset = (grain.MapDataset.source(local).shuffle(seed=seed).repeat(None)
-                        .map(self._load).batch(batch_size, batch_fn=self._collate))
+            files = [files[i % len(files)] for i in range(batch_size)]
+        # Paths only: a process loads just the rows of each batch it holds.
+        self.paths = grain.MapDataset.source(files).shuffle(seed=seed).repeat(None)
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 - the instance lives for the whole run
     def _cached(self, path: str) -> dict[str, Any]:
@@ -57,12 +64,10 @@ class TrajectoryBatches:
                 "x_BLC_wo_prefix": data["x_BLC_wo_prefix"], "gt_bits": data["gt_bits"],
                 "teacher_logits": data["teacher_logits"], "frozen_concept_logits": data["concept_logits"]}
 
-    def _load(self, path: str) -> dict[str, Any]:
-        return self._cached(path)
-
     @staticmethod
     def _collate(items: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
         return {k: np.stack([item[k] for item in items]) for k in BATCH_KEYS}
 
     def __getitem__(self, step: int) -> dict[str, np.ndarray]:
-        return self.dataset[step]
+        """This process's rows of the global batch of training step `step`."""
+        return self._collate([self._cached(self.paths[step * self.batch_size + r]) for r in self.rows])

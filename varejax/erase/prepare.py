@@ -13,7 +13,9 @@ logits, tau, top-p per bit; seeded per pair). Stored per pair, in `WORKDIR/traje
 * `pair` (JSON: target, anchor, concept, source) and `seed`.
 
 Files are written atomically; a re-run skips pairs already done (resumable). With several processes
-(multi-host), pair i is prepared by process i mod process_count.
+(multi-host) every process runs the same programs on the same batches (the mesh splits each batch over
+the devices; process 0 decides which pairs are missing, so all agree), and pair i is written by process
+i mod process_count alone; a barrier at the end makes every file visible to all before training reads.
 """
 
 from __future__ import annotations
@@ -86,10 +88,12 @@ def prepare_trajectories(pairs: Sequence[PromptPair], *, params: Any, cfg: Infin
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    from varejax.models.lora import host_array
+    from varejax.parallel.distributed import sync
+
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    mine = [i for i in range(len(pairs)) if i % process_count == process_index]
-    todo = [i for i in mine if not trajectory_path(out_dir, i).exists()]
+    todo = _missing(out_dir, len(pairs))
     sampler_cfg = cfg.replace(cond_drop_rate=0.0, drop_path_rate=0.0)
     batch = max(1, tcfg.batch_size)
     for idx, count in tqdm(list(padded_batches(len(todo), batch)), desc="anchor trajectories", unit="batch",
@@ -101,12 +105,15 @@ def prepare_trajectories(pairs: Sequence[PromptPair], *, params: Any, cfg: Infin
         keys = jax.vmap(jax.random.key)(np.asarray([tcfg.seed_of(i) for i in padded], np.uint32))
         out = generate_jit(params, anchor_text, anchor_mask, schedule, cfg=sampler_cfg, sampling=tcfg.sampling(),
                            rng=keys, h_div_w_template=h_div_w_template)
-        x = np.asarray(out.x_BLC_wo_prefix(), np.float32)
-        bits = np.asarray(out.bits_BLd(sampler_cfg), np.int8)
-        logits = np.asarray(out.logits_BLV(), np.float32)
-        concept = np.asarray(teacher_logits_jit(params, target_text, target_mask, out.x_BLC_wo_prefix(), schedule,
-                                                sampler_cfg, tcfg.guidance, tcfg.tau, h_div_w_template), np.float32)
+        x = host_array(out.x_BLC_wo_prefix()).astype(np.float32)  # collectives: every process, same order
+        bits = host_array(out.bits_BLd(sampler_cfg)).astype(np.int8)
+        logits = host_array(out.logits_BLV()).astype(np.float32)
+        concept = host_array(teacher_logits_jit(params, target_text, target_mask, out.x_BLC_wo_prefix(), schedule,
+                                                sampler_cfg, tcfg.guidance, tcfg.tau, h_div_w_template)
+                             ).astype(np.float32)
         for b, i in enumerate(chunk):
+            if i % process_count != process_index:
+                continue  # one writer per file
             pair = pairs[i]
             _save_atomic(trajectory_path(out_dir, i), x_BLC_wo_prefix=x[b], gt_bits=bits[b], teacher_logits=logits[b],
                          concept_logits=concept[b],
@@ -114,7 +121,18 @@ def prepare_trajectories(pairs: Sequence[PromptPair], *, params: Any, cfg: Infin
                          target_text=np.asarray(target_text[b][target_mask[b].astype(bool)], np.float32),
                          pair=np.asarray(json.dumps({**pair.to_dict(), "source": pair.source})),
                          seed=np.asarray(tcfg.seed_of(i)), schedule=np.asarray(schedule, np.int32))
+    sync("varejax:prepare_trajectories")
     return [trajectory_path(out_dir, i) for i in range(len(pairs))]
+
+
+def _missing(out_dir: Path, count: int) -> list[int]:
+    """Indices of the pairs without a trajectory file, as process 0 sees them (every process agrees)."""
+    done = np.asarray([trajectory_path(out_dir, i).exists() for i in range(count)], np.int32)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+    return [i for i in range(count) if not done[i]]
 
 
 def load_trajectory(path: str | os.PathLike) -> dict[str, Any]:

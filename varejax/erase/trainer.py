@@ -206,6 +206,18 @@ class ErasureSetup:
     preloaded: bool
 
 
+def checked_mesh(config: Any):
+    """The mesh of `config.mesh`, refused (ConfigError) when it leaves a process without devices or cannot
+    split the global batch `config.train.batch_size`; cheap, so jobs call it before any work."""
+    from varejax.configlib import rules_tuple
+    from varejax.parallel import check_global_batch, check_mesh_spans_processes, make_mesh
+
+    mesh = make_mesh(tuple(config.mesh.shape))
+    check_mesh_spans_processes(mesh)
+    check_global_batch(int(config.train.batch_size), mesh, rules_tuple(config.mesh.rules))
+    return mesh
+
+
 def setup_erase(config: Any, workdir: str | os.PathLike, *, models: Any = None,
                 config_dir: str | None = None) -> ErasureSetup:
     """Starts JAX (multi-host too), makes the mesh, loads (or adapts the preloaded) models and the pairs.
@@ -217,13 +229,13 @@ def setup_erase(config: Any, workdir: str | os.PathLike, *, models: Any = None,
       config_dir: folder that relative pair-file paths are read from when not found as given.
     """
     from varejax.configlib import rules_tuple
-    from varejax.parallel import make_mesh
-    from varejax.parallel.distributed import initialize
+    from varejax.parallel.distributed import announce, initialize
 
     initialize()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    mesh = make_mesh(tuple(config.mesh.shape))
+    mesh = checked_mesh(config)
+    announce(mesh)
     rules = rules_tuple(config.mesh.rules)
     if models is None:
         cfg, params, encode_text = _load_models(config, workdir, mesh, rules)
@@ -233,6 +245,9 @@ def setup_erase(config: Any, workdir: str | os.PathLike, *, models: Any = None,
         if wanted != cfg:
             params = lora.retarget(cfg, params, wanted, mesh=mesh, rules=rules)
             cfg = wanted
+        if jax.process_count() > 1:  # process-local preloaded values -> global arrays on the mesh
+            from varejax.parallel import shard_state
+            params = shard_state(jax.tree.map(np.asarray, params), mesh, rules)
     schedule = schedules.as_schedule(config.schedule) if config.schedule else schedules.get_schedule(
         config.h_div_w, config.pn)
     return ErasureSetup(workdir, mesh, rules, cfg, params, encode_text, schedule, load_pairs(config, config_dir),
@@ -294,8 +309,9 @@ def train(config: Any, run: ErasureSetup, files: list[Path], scfg: SvareConfig) 
     train_cfg = run.cfg.replace(cond_drop_rate=float(config.train.cond_drop_rate),
                                 drop_path_rate=float(config.train.drop_path_rate), remat=bool(config.train.remat))
     step_fn = jit_step(UPDATES[config.train.mode], donate=True)
-    batches = TrajectoryBatches(files, int(config.train.batch_size), int(config.seed), text_length(files),
-                                jax.process_index(), jax.process_count())
+    global_batch = int(config.train.batch_size)  # global: each process loads its rows of it
+    rows = _batch_rows(global_batch, run.mesh, run.rules)
+    batches = TrajectoryBatches(files, global_batch, int(config.seed), text_length(files), rows)
     if run.preloaded:  # the step donates its inputs: keep the caller's parameters valid
         params = jax.tree.map(lambda x: x.copy(), run.params)
     else:
@@ -315,7 +331,7 @@ def train(config: Any, run: ErasureSetup, files: list[Path], scfg: SvareConfig) 
                         disable=not is_main_process())
         for step in progress:
             with sharding_context(run.mesh, run.rules):
-                batch = _global_batch(batches[step], run.mesh, run.rules)
+                batch = _global_batch(batches[step], global_batch, run.mesh, run.rules)
                 params, opt_state, metrics = step_fn(params, opt_state, batch, jax.random.fold_in(base_key, step),
                                                      cfg=train_cfg, schedule=run.schedule, scfg=scfg)
             metrics = jax.device_get(metrics)
@@ -374,26 +390,33 @@ def _original_params(config: Any, run: ErasureSetup, params: Any, scfg: SvareCon
     return load_infinity(config.model.infinity, mesh=run.mesh, rules=run.rules, **model_overrides(config))[1]
 
 
-def _global_batch(batch: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
+def _batch_rows(global_batch: int, mesh, rules) -> slice:
+    """The rows of every global batch this process loads (those its devices hold)."""
+    from varejax.parallel import batch_sharding, process_rows
+
+    return process_rows(batch_sharding(mesh, rules, shape=(global_batch,)), (global_batch,))
+
+
+def _global_batch(batch: dict[str, np.ndarray], global_batch: int, mesh, rules) -> dict[str, jax.Array]:
+    """One array per field from every process's rows (`_batch_rows`) of the global batch."""
     from varejax.parallel import batch_sharding
 
-    def global_shape(v):  # the process-local batches stack along dim 0
-        return (v.shape[0] * jax.process_count(),) + v.shape[1:]
+    out = {}
+    for k, v in batch.items():
+        shape = (global_batch,) + v.shape[1:]
+        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, rules, shape=shape), v, shape)
+    return out
 
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, shape=global_shape(v)), v)
-            for k, v in batch.items()}
 
+def _wait_for_files(files: list[Path]) -> None:
+    """Multi-host: every process prepared its share; a barrier, then every trajectory must be visible."""
+    from varejax.parallel.distributed import sync
 
-def _wait_for_files(files: list[Path], timeout_s: float = 3600.0) -> None:
-    """Multi-host: every process prepared its share; wait until all trajectories are visible."""
-    deadline = time.time() + timeout_s
-    while True:
-        missing = [f for f in files if not f.exists()]
-        if not missing:
-            return
-        if jax.process_count() == 1 or time.time() > deadline:
-            raise FileNotFoundError(f"{len(missing)} trajectories missing, e.g. {missing[0]}")
-        time.sleep(2.0)
+    sync("varejax:trajectories")
+    missing = [f for f in files if not f.exists()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} trajectories missing after every process prepared its share, "
+                                f"e.g. {missing[0]} (on several hosts the workdir must be a shared file system)")
 
 
 def _load_models(config: Any, workdir: Path, mesh, rules):

@@ -94,3 +94,60 @@ def abstract_sharded_state(state: Any, mesh: Mesh, rules: LogicalRules = DEFAULT
         out.append((path, var.replace(jax.ShapeDtypeStruct(value.shape, value.dtype,
                                                             sharding=NamedSharding(mesh, spec)))))
     return nnx.from_flat_state(out)
+
+
+def batch_split(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> int:
+    """Into how many parts the mesh splits a batch (the product of the mesh axes `act_batch` maps to)."""
+    spec = logical_to_spec(("act_batch",), rules, mesh)
+    axes = spec[0] if len(spec) else ()
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = 1
+    for axis in axes:
+        size *= mesh.shape[axis]
+    return size
+
+
+def _mesh_text(mesh: Mesh) -> str:
+    return "(" + ", ".join(str(s) for s in mesh.shape.values()) + ")"
+
+
+def check_global_batch(batch: int, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES,
+                       field: str = "config.train.batch_size") -> None:
+    """Refuses a global batch the mesh cannot split evenly over its batch axes (before anything runs)."""
+    parts = batch_split(mesh, rules)
+    if batch >= 1 and batch % parts == 0:
+        return
+    devices = mesh.devices.size
+    fixes = [f"--{field}={max(parts, (batch // parts + 1) * parts)}"]
+    if batch >= 1 and devices % batch == 0:
+        fixes.append(f"--config.mesh.shape='({batch}, 1, {devices // batch})'")
+    raise ConfigError(
+        f"the global batch {field} = {batch} cannot be split over the mesh {_mesh_text(mesh)} (data, fsdp, tensor), "
+        f"whose batch axes (data x fsdp) make {parts} parts; give a multiple of {parts}, e.g. "
+        + " or ".join(fixes) + " (the batch is global: every process loads its share)")
+
+
+def check_mesh_spans_processes(mesh: Mesh) -> None:
+    """Refuses a mesh that leaves a process without devices (every process must hold part of the mesh)."""
+    holders = {d.process_index for d in mesh.devices.flat}
+    missing = sorted(set(range(jax.process_count())) - holders)
+    if missing:
+        raise ConfigError(
+            f"the mesh {_mesh_text(mesh)} (config.mesh.shape) uses {mesh.devices.size} of {jax.device_count()} "
+            f"devices and none of process{'es' if len(missing) > 1 else ''} {', '.join(map(str, missing))}; "
+            f"on {jax.process_count()} processes give a mesh over all devices, e.g. --config.mesh.shape='(-1, 1, 1)'")
+
+
+def process_rows(sharding: NamedSharding, global_shape: Sequence[int]) -> slice:
+    """The rows of dim 0 of a global array that this process's devices hold (what it must load)."""
+    starts, stops = [], []
+    for index in sharding.addressable_devices_indices_map(tuple(global_shape)).values():
+        rows = index[0] if index else slice(None)
+        start, stop, _ = rows.indices(global_shape[0])
+        starts.append(start)
+        stops.append(stop)
+    start, stop = min(starts), max(stops)
+    intervals = sorted(set(zip(starts, stops, strict=True)))
+    if sum(b - a for a, b in intervals) != stop - start:  # never with make_mesh's device order
+        raise ValueError(f"this process's rows of the batch are not contiguous: {intervals}")
+    return slice(start, stop)

@@ -95,7 +95,9 @@ class Pipeline:
                                cfg=self.infinity_cfg, sampling=sampling, rng=None if sampling.greedy else keys,
                                **negative)
             decoded = decode_jit(self.vae_params, out.summed_codes, self.vae_cfg)
-        return image_io.to_uint8(np.asarray(decoded))
+        from varejax.models.lora import host_array  # a gather when the mesh spans processes
+
+        return image_io.to_uint8(host_array(decoded))
 
     def _sharding(self):
         import contextlib
@@ -156,11 +158,13 @@ def run_sampling(config: Any, workdir: str | os.PathLike, pipeline: Pipeline | N
             raise ConfigError(f"config.model.{missing[0]} is empty: give the converted model folder "
                              f"(varejax convert {missing[0]} ...)")
         from varejax.configlib import rules_tuple
-        from varejax.parallel import make_mesh
-        from varejax.parallel.distributed import initialize
+        from varejax.parallel import check_mesh_spans_processes, make_mesh
+        from varejax.parallel.distributed import announce, initialize
 
         initialize()
         mesh = make_mesh(tuple(config.mesh.shape))
+        check_mesh_spans_processes(mesh)
+        announce(mesh)
         pipeline = Pipeline.from_dirs(config.model.infinity, config.model.vae, config.model.t5,
                                       text_cache_dir=config.text_cache_dir or str(workdir / "text_cache"),
                                       min_vocab=config.model.min_vocab, mesh=mesh,
@@ -171,15 +175,19 @@ def run_sampling(config: Any, workdir: str | os.PathLike, pipeline: Pipeline | N
     sampling = sampling_from_config(config.sampling)
     sampling.per_scale(len(schedule))  # a per-scale guidance or tau list that does not fit fails here
     plan = plan_images(list(config.prompts), config.images_per_prompt, config.seed)
-    todo = [i for i in range(len(plan)) if not (out_dir / f"{i:05d}.json").exists()]
+    todo = _missing(out_dir, len(plan))
+    writer = jax.process_index() == 0  # multi-host: every process samples every batch, process 0 writes
     batch = max(1, int(config.batch_size))
     # Full batches (the last one padded by repetition) so the sampler compiles once.
-    for idx, count in tqdm(list(padded_batches(len(todo), batch)), desc="sampling", unit="batch", disable=not todo):
+    for idx, count in tqdm(list(padded_batches(len(todo), batch)), desc="sampling", unit="batch",
+                           disable=not (todo and writer)):
         padded = [todo[i] for i in idx]
         chunk = padded[:count]
         images = pipeline.generate([plan[i][0] for i in padded], [plan[i][1] for i in padded], sampling, schedule,
                                    negative_prompt=config.negative_prompt)
         for i, image in zip(chunk, images, strict=False):
+            if not writer:
+                continue
             prompt, seed = plan[i]
             record = {"index": i, "prompt": prompt, "seed": seed, "negative_prompt": config.negative_prompt,
                       "guidance": list(sampling.guidance), "tau": list(sampling.tau), "top_k": sampling.top_k,
@@ -189,7 +197,21 @@ def run_sampling(config: Any, workdir: str | os.PathLike, pipeline: Pipeline | N
             tmp = out_dir / f".{i:05d}.json.tmp"
             tmp.write_text(json.dumps(record, indent=1) + "\n")
             os.replace(tmp, out_dir / f"{i:05d}.json")  # the record last: it marks the image done
+    from varejax.parallel.distributed import sync
+
+    sync("varejax:sampling")  # every image written before anyone reads them
     records = [json.loads((out_dir / f"{i:05d}.json").read_text()) for i in range(len(plan))]
-    all_images = np.stack([image_io.load_uint8(out_dir / f"{i:05d}.png") for i in range(len(plan))])
-    image_io.save_image(workdir / "grid.png", image_grid(all_images))
+    if writer:
+        all_images = np.stack([image_io.load_uint8(out_dir / f"{i:05d}.png") for i in range(len(plan))])
+        image_io.save_image(workdir / "grid.png", image_grid(all_images))
     return records
+
+
+def _missing(out_dir: Path, count: int) -> list[int]:
+    """Indices of the images without a record, as process 0 sees them (every process agrees)."""
+    done = np.asarray([(out_dir / f"{i:05d}.json").exists() for i in range(count)], np.int32)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+    return [i for i in range(count) if not done[i]]

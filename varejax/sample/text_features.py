@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from varejax.batching import pad_rows, round_up
@@ -131,7 +132,9 @@ class TextEncoder:
         from varejax.models import t5
 
         self.model_calls += 1
-        return np.asarray(t5.encode(self.params, input_ids, attention_mask, self.cfg), np.float32)
+        from varejax.models.lora import host_array  # a gather when the mesh spans processes
+
+        return host_array(t5.encode(self.params, input_ids, attention_mask, self.cfg)).astype(np.float32)
 
     def _encode_uncached(self, prompts: Sequence[str]) -> list[np.ndarray]:
         """Valid rows [length_i, d] of each prompt, in batches of at most max_batch."""
@@ -172,11 +175,20 @@ class TextEncoder:
                 if hit is not None:
                     rows[prompt] = hit
                     self.cache_hits += 1
-        missing = [p for p in dict.fromkeys(prompts) if p not in rows]
+        unique = list(dict.fromkeys(prompts))
+        missing = [p for p in unique if p not in rows]
+        if jax.process_count() > 1:
+            # Multi-host (called in lockstep): encode what ANY process misses, so that every process runs
+            # the same encoder programs; one process writes the cache entries.
+            from jax.experimental import multihost_utils
+
+            hit = np.asarray([p in rows for p in unique], np.int32)
+            hit_everywhere = np.asarray(multihost_utils.process_allgather(hit)).reshape(-1, len(unique)).min(0)
+            missing = [p for p, h in zip(unique, hit_everywhere, strict=True) if not h]
         if missing:
             for prompt, value in zip(missing, self._encode_uncached(missing), strict=True):
-                rows[prompt] = value
-                if self.cache is not None:
+                rows[prompt] = value  # fresh everywhere, so that every process holds the same rows
+                if self.cache is not None and jax.process_index() == 0:
                     self.cache.put(keys[prompt], prompt, value)
         lengths = [rows[p].shape[0] for p in prompts]
         T = min(self.max_length, round_up(max(lengths), LENGTH_MULTIPLE))

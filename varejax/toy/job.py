@@ -192,29 +192,37 @@ class ToyBench:
 
 
 def write_pair_files(config: Any, workdir: Path) -> None:
-    """Writes the erasure pairs of every concept and points `config.pairs` (and the schedule) at them."""
+    """Writes the erasure pairs of every concept and points `config.pairs` (and the schedule) at them.
+
+    Multi-host: process 0 writes, every process points its config at the files (a barrier between)."""
+    from varejax.parallel.distributed import is_main_process, sync
     from varejax.toy.assets import TOY_SCHEDULE
 
     files = []
     for concept, pairs in erasure_pairs(config).items():
         path = workdir / f"pairs_{concept.replace(' ', '_')}.jsonl"
-        write_pairs(pairs, path)
+        if is_main_process():
+            write_pairs(pairs, path)
         files.append(str(path))
+    sync("varejax:toy_pairs")
     config.pairs = tuple(files)
     config.schedule = tuple(tuple(s) for s in TOY_SCHEDULE)
 
 
 def run_toy_job(config: Any, workdir: str | Path, *, verbose: bool = True) -> dict[str, Any]:
     """The whole toy job; returns (and writes) the results dict."""
-    from varejax.erase.trainer import run_erase
+    from varejax.erase.trainer import checked_mesh, run_erase
+    from varejax.parallel.distributed import is_main_process, to_local
 
     start = time.time()
+    checked_mesh(config)  # a mesh or batch that cannot work stops here, before any sampling
     bench = ToyBench(config, workdir)
     workdir = bench.workdir
     write_pair_files(config, workdir)
     before = bench.all_images(bench.base_params)
     result = run_erase(config, workdir, models=bench.models())
-    after = bench.all_images(result.params)
+    # Multi-host: every process samples and measures the same images locally; process 0 writes.
+    after = bench.all_images(to_local(result.params))
     # After the erasure on purpose: the trainer must leave the preloaded base parameters valid.
     following = bench.prompt_following(bench.base_params)
     noise_floor = bench.toy_fid_noise_floor(bench.base_params, before["others"])
@@ -224,6 +232,8 @@ def run_toy_job(config: Any, workdir: str | Path, *, verbose: bool = True) -> di
                # What produced these numbers, so that README figures can cite a re-runnable command.
                "command": " ".join(["varejax", *sys.argv[1:]]) if sys.argv else "",
                "config": config.to_dict() if hasattr(config, "to_dict") else None}
+    if not is_main_process():
+        return results
     (workdir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     _write_report(workdir, results, bench.sets, before, after, bench.concepts)
     if verbose:
