@@ -22,14 +22,13 @@ import contextlib
 import datetime
 import json
 import os
-import shutil
 import uuid
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 import varejax
 from varejax.errors import UserError
@@ -37,6 +36,7 @@ from varejax.models import apply, bsq_vae, lora, t5
 from varejax.models.config import LORA_FIELDS, InfinityConfig
 from varejax.models.state import fill_state, flat_params
 from varejax.parallel import DEFAULT_RULES, abstract_sharded_state
+from varejax.paths import as_path, is_remote, orbax_path
 
 PARAMS_SUBDIR = "params"
 CONFIG_FILE = "config.json"
@@ -80,11 +80,26 @@ def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple
 
 
 @contextlib.contextmanager
-def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a temporary folder that becomes `out` when the block succeeds (and vanishes if not)."""
-    out = Path(out).absolute()
+def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[epath.Path]:
+    """Yields a temporary folder that becomes `out` when the block succeeds (and vanishes if not).
+
+    On an object store (gs://, ...) a folder "rename" copies every object, so the folder is written in
+    place instead: the writer puts config.json last, and a folder without it reads as incomplete
+    (`read_config`); a failed write is removed.
+    """
+    out = as_path(out)
     if out.exists() and not overwrite:
         raise ModelDirError(f"{out} already exists; choose another --out or pass --overwrite")
+    if is_remote(out):
+        if out.exists():
+            out.rmtree()
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            yield out
+        except BaseException:
+            out.rmtree(missing_ok=True)
+            raise
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -92,14 +107,16 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterato
         yield tmp
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            with contextlib.suppress(OSError):
+                old.rmtree()
         else:
-            os.rename(tmp, out)
+            tmp.rename(out)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                tmp.rmtree()
 
 
 def save_params(directory: str | os.PathLike, flat: Mapping[tuple[str, ...], np.ndarray]) -> None:
@@ -110,16 +127,18 @@ def save_params(directory: str | os.PathLike, flat: Mapping[tuple[str, ...], np.
     me = jax.process_index()
     checkpointer = ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
         primary_host=me, active_processes={me}))
-    checkpointer.save(Path(directory).absolute(), nest(flat))
+    checkpointer.save(orbax_path(directory), nest(flat))
     checkpointer.wait_until_finished()
 
 
 def write_model_dir(out: str | os.PathLike, flat: Mapping[tuple[str, ...], np.ndarray], config: Mapping[str, Any],
-                    overwrite: bool = False, files: Mapping[str, str | bytes | os.PathLike] | None = None) -> Path:
+                    overwrite: bool = False, files: Mapping[str, str | bytes | os.PathLike] | None = None
+                    ) -> epath.Path:
     """Atomically writes `out/params`, `out/config.json` (`config` plus the varejax version and time) and `files`.
 
     Args:
-      files: {file name: text, bytes, or a `pathlib.Path` to copy} written next to config.json.
+      files: {file name: text, bytes, or a path (`os.PathLike`, local or remote) to copy} written next to
+        config.json.
     """
     meta = dict(config)
     meta.setdefault("varejax", varejax.__version__)
@@ -127,19 +146,19 @@ def write_model_dir(out: str | os.PathLike, flat: Mapping[tuple[str, ...], np.nd
     with atomic_directory(out, overwrite) as tmp:
         save_params(tmp / PARAMS_SUBDIR, flat)
         for name, content in (files or {}).items():
-            if isinstance(content, Path):
-                shutil.copyfile(content, tmp / name)
+            if isinstance(content, os.PathLike):
+                (tmp / name).write_bytes(as_path(content).read_bytes())
             elif isinstance(content, bytes):
                 (tmp / name).write_bytes(content)
             else:
                 (tmp / name).write_text(content)
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1, sort_keys=False) + "\n")
-    return Path(out)
+    return as_path(out)
 
 
 def save_model(out: str | os.PathLike, kind: str, cfg: Any, params: Any, *, source: Mapping[str, Any] | None = None,
                extra: Mapping[str, Any] | None = None, files: Mapping[str, str | bytes | os.PathLike] | None = None,
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False) -> epath.Path:
     """Writes a model folder of `kind` (a key of FORMATS), atomically; the one writer of every model folder.
 
     Args:
@@ -163,7 +182,7 @@ def save_model(out: str | os.PathLike, kind: str, cfg: Any, params: Any, *, sour
 
 def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     """config.json of a model folder (any kind)."""
-    path = Path(model_dir) / CONFIG_FILE
+    path = as_path(model_dir) / CONFIG_FILE
     if not path.is_file():
         raise ModelDirError(f"{model_dir}: no {CONFIG_FILE}; is this a folder written by `varejax convert`?")
     try:
@@ -191,7 +210,7 @@ def restore_flat(model_dir: str | os.PathLike, target: Mapping[tuple[str, ...], 
     """
     import orbax.checkpoint as ocp
 
-    params_dir = Path(model_dir).absolute() / PARAMS_SUBDIR
+    params_dir = orbax_path(model_dir) / PARAMS_SUBDIR
     if not params_dir.is_dir():
         raise ModelDirError(f"{model_dir}: no {PARAMS_SUBDIR}/ folder (incomplete write?)")
     checkpointer = ocp.StandardCheckpointer()

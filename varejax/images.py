@@ -19,10 +19,13 @@ Conversions follow upstream Infinity exactly:
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 
 import numpy as np
+
+from varejax.paths import as_path
 
 
 def _pil():
@@ -76,7 +79,7 @@ def preprocess(image, size: tuple[int, int]) -> np.ndarray:
 def load_uint8(path: str | os.PathLike) -> np.ndarray:
     """Reads an image file as uint8 RGB [H, W, 3] (grey or RGBA images are converted to RGB)."""
     Image = _pil()
-    with Image.open(path) as im:
+    with as_path(path).open("rb") as f, Image.open(f) as im:
         return np.asarray(im.convert("RGB"))
 
 
@@ -91,7 +94,7 @@ def load_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> 
     if size is None:
         return to_float(load_uint8(path))
     Image = _pil()
-    with Image.open(path) as im:
+    with as_path(path).open("rb") as f, Image.open(f) as im:
         im.load()
         return preprocess(im, size)
 
@@ -113,7 +116,19 @@ def save_image(path: str | os.PathLike, image: np.ndarray) -> None:
         raise ValueError(f"expected one RGB image [H, W, 3], got {image.shape}")
     if image.dtype != np.uint8:
         image = to_uint8(image)
-    Image.fromarray(image).save(path)
+    write_pil(path, Image.fromarray(image))
+
+
+def write_pil(path: str | os.PathLike, image) -> None:
+    """Writes a Pillow image to a local path or a URI (gs://...), in the format its extension names."""
+    Image = _pil()
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    image_format = Image.registered_extensions().get(suffix)
+    if image_format is None:
+        raise ValueError(f"{path}: unknown image file extension {suffix!r}")
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format)
+    as_path(path).write_bytes(buffer.getvalue())
 
 
 def save_images(paths: Sequence[str | os.PathLike], images: np.ndarray) -> None:

@@ -14,13 +14,13 @@ wrong places.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
 from varejax.errors import UserError
+from varejax.paths import orbax_path
 
 
 def _key_name(key: Any) -> str:
@@ -81,7 +81,7 @@ class Checkpoints:
     def __init__(self, directory: str | os.PathLike, keep: int = 2):
         import orbax.checkpoint as ocp
 
-        self.directory = Path(directory).absolute()
+        self.directory = orbax_path(directory)  # local (absolute) or gs://: orbax writes both itself
         self.manager = ocp.CheckpointManager(self.directory, item_handlers=ocp.StandardCheckpointHandler(),
                                              options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 

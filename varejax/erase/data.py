@@ -18,6 +18,7 @@ import numpy as np
 
 from varejax.batching import pad_rows, round_up
 from varejax.erase.prepare import load_trajectory
+from varejax.paths import load_npz
 
 BATCH_KEYS = ("target_text", "target_mask", "anchor_text", "anchor_mask", "x_BLC_wo_prefix", "gt_bits",
               "teacher_logits", "frozen_concept_logits")
@@ -27,8 +28,8 @@ def text_length(files: Sequence[str | os.PathLike], multiple: int = 8) -> int:
     """The padded text length of a run: the longest prompt of any pair, rounded up to `multiple`."""
     longest = 1
     for path in files:
-        with np.load(path) as data:
-            longest = max(longest, data["anchor_text"].shape[0], data["target_text"].shape[0])
+        data = load_npz(path, keys=("anchor_text", "target_text"))
+        longest = max(longest, data["anchor_text"].shape[0], data["target_text"].shape[0])
     return round_up(longest, multiple)
 
 

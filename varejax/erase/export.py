@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from varejax.convert.infinity_keys import upstream_key
 from varejax.erase import optim
 from varejax.models import apply, lora
+from varejax.paths import as_path, load_safetensors, save_safetensors
 
 DELTA_FORMAT = "varejax-delta/1"
 
@@ -40,7 +41,7 @@ def _is_writer() -> bool:
 
 
 def write_erased_model(out: str | os.PathLike, cfg: Any, params: Any, config: Any = None,
-                       merge_lora: bool = True) -> Path:
+                       merge_lora: bool = True) -> epath.Path:
     """Writes the full erased transformer as a model folder (readable by `load_infinity`).
 
     A model with LoRA adapters is written merged (a plain model) unless `merge_lora` is False.
@@ -51,7 +52,7 @@ def write_erased_model(out: str | os.PathLike, cfg: Any, params: Any, config: An
         cfg, params = lora.merge(cfg, params)
     flat = {path: _host(v) for path, v in apply.flat_params(params).items()}  # collective: every process
     if not _is_writer():
-        return Path(out)
+        return as_path(out)
     source = {"erased_from": str(getattr(getattr(config, "model", None), "infinity", "") or ""),
               "config": json.loads(config.to_json()) if config is not None else None}
     # Saved for sampling: the training-only switches (condition dropout, drop path, remat) off.
@@ -90,30 +91,24 @@ def _lora_deltas(cfg: Any, params: Any, original: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def write_delta(path: str | os.PathLike, cfg: Any, params: Any, original: Any, trainable: str = "ca_ffn") -> Path:
+def write_delta(path: str | os.PathLike, cfg: Any, params: Any, original: Any, trainable: str = "ca_ffn") -> epath.Path:
     """Writes `delta_tensors` as safetensors (atomically) with format metadata."""
-    from safetensors.numpy import save_file
-
-    path = Path(path)
+    path = as_path(path)
     tensors = delta_tensors(cfg, params, original, trainable)
     if not _is_writer():
         return path
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     metadata = {"format": DELTA_FORMAT, "trainable": trainable, "model": json.dumps(cfg.arch_dict())}
     if trainable == "lora":
         metadata["lora"] = json.dumps({"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank,
                                        "targets": list(cfg.lora_modules()), "merged": True})
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    return save_safetensors(path, tensors, metadata)
 
 
 def apply_delta(cfg: Any, params: Any, delta_file: str | os.PathLike) -> Any:
     """`params` + the deltas of a `delta.safetensors` (checked against the model's key table)."""
     import jax.numpy as jnp
-    from safetensors.numpy import load_file
 
-    deltas = load_file(str(delta_file))
+    deltas = load_safetensors(delta_file)
     flat = apply.flat_params(params)
     by_key = {}
     for p in flat:

@@ -24,17 +24,18 @@ import dataclasses
 import json
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 from varejax.batching import padded_batches
 from varejax.data.pairs import PromptPair
 from varejax.erase.step import teacher_logits_jit
 from varejax.models import schedules
 from varejax.models.config import InfinityConfig
+from varejax.paths import as_path, load_npz, save_npz
 from varejax.sample.sampler import SamplingConfig, generate_jit
 
 TextEncodeFn = Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]
@@ -59,21 +60,15 @@ class TrajectoryConfig:
         return SamplingConfig(guidance=(self.guidance,), tau=(self.tau,), top_k=self.top_k, top_p=self.top_p)
 
 
-def trajectory_path(directory: str | os.PathLike, index: int) -> Path:
-    return Path(directory) / f"{index:06d}.npz"
-
-
-def _save_atomic(path: Path, **arrays: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+def trajectory_path(directory: str | os.PathLike, index: int) -> epath.Path:
+    return as_path(directory) / f"{index:06d}.npz"
 
 
 def prepare_trajectories(pairs: Sequence[PromptPair], *, params: Any, cfg: InfinityConfig,
                          encode_text: TextEncodeFn, schedule: schedules.Schedule, tcfg: TrajectoryConfig,
                          out_dir: str | os.PathLike, h_div_w_template: float | None = None,
                          process_index: int | None = None, process_count: int | None = None,
-                         progress: bool = True) -> list[Path]:
+                         progress: bool = True) -> list[epath.Path]:
     """Samples and stores the anchor trajectory of every pair this process owns; returns all paths.
 
     Args:
@@ -86,7 +81,7 @@ def prepare_trajectories(pairs: Sequence[PromptPair], *, params: Any, cfg: Infin
     """
     from tqdm import tqdm
 
-    out_dir = Path(out_dir)
+    out_dir = as_path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     from varejax.models.lora import host_array
     from varejax.parallel.distributed import sync
@@ -115,7 +110,7 @@ def prepare_trajectories(pairs: Sequence[PromptPair], *, params: Any, cfg: Infin
             if i % process_count != process_index:
                 continue  # one writer per file
             pair = pairs[i]
-            _save_atomic(trajectory_path(out_dir, i), x_BLC_wo_prefix=x[b], gt_bits=bits[b], teacher_logits=logits[b],
+            save_npz(trajectory_path(out_dir, i), x_BLC_wo_prefix=x[b], gt_bits=bits[b], teacher_logits=logits[b],
                          concept_logits=concept[b],
                          anchor_text=np.asarray(anchor_text[b][anchor_mask[b].astype(bool)], np.float32),
                          target_text=np.asarray(target_text[b][target_mask[b].astype(bool)], np.float32),
@@ -125,7 +120,7 @@ def prepare_trajectories(pairs: Sequence[PromptPair], *, params: Any, cfg: Infin
     return [trajectory_path(out_dir, i) for i in range(len(pairs))]
 
 
-def _missing(out_dir: Path, count: int) -> list[int]:
+def _missing(out_dir: os.PathLike, count: int) -> list[int]:
     """Indices of the pairs without a trajectory file, as process 0 sees them (every process agrees)."""
     done = np.asarray([trajectory_path(out_dir, i).exists() for i in range(count)], np.int32)
     if jax.process_count() > 1:
@@ -137,7 +132,6 @@ def _missing(out_dir: Path, count: int) -> list[int]:
 
 def load_trajectory(path: str | os.PathLike) -> dict[str, Any]:
     """One stored trajectory as a dict of arrays (plus the decoded `pair`)."""
-    with np.load(path) as data:
-        out = {k: data[k] for k in data.files}
+    out = load_npz(path)
     out["pair"] = json.loads(str(out["pair"]))
     return out

@@ -43,11 +43,11 @@ import math
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from etils.epath import Path
 
 from varejax.data.pairs import PromptPair, pool_pairs, read_pairs
 from varejax.erase import optim
@@ -58,6 +58,7 @@ from varejax.erase.prepare import TrajectoryConfig, prepare_trajectories
 from varejax.erase.step import SvareConfig, alternating_update, erase_update, jit_step, summed_update
 from varejax.errors import ConfigError, UserError
 from varejax.models import lora, schedules
+from varejax.paths import append_text, as_path, is_remote, write_text_atomic
 
 # config.train.mode -> the update of one training step
 UPDATES = {"alternating": alternating_update, "summed": summed_update, "erase_only": erase_update}
@@ -116,7 +117,7 @@ def load_pairs(config: Any, config_dir: str | None = None) -> list[PromptPair]:
     groups = []
     for entry in config.pairs:
         path = entry
-        if not os.path.isabs(path) and not os.path.exists(path) and config_dir:
+        if not is_remote(path) and not os.path.isabs(path) and not os.path.exists(path) and config_dir:
             path = os.path.join(config_dir, path)
         pairs = read_pairs(path)
         if config.max_pairs_per_concept:
@@ -156,15 +157,14 @@ class MetricsLog:
                 else:
                     for i, v in enumerate(value.reshape(-1)):
                         self.tb.add_scalar(f"{key}/{i}", float(v), step)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(self.path, json.dumps(record) + "\n")
 
     def truncate_after(self, step: int) -> None:
         """Drops records of steps > step (they are recomputed after a resume)."""
         if not self.enabled or not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def close(self) -> None:
         if self.tb is not None:
@@ -232,7 +232,7 @@ def setup_erase(config: Any, workdir: str | os.PathLike, *, models: Any = None,
     from varejax.parallel.distributed import announce, initialize
 
     initialize()
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = checked_mesh(config)
     announce(mesh)

@@ -8,15 +8,18 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
+from etils import epath
+
+from varejax.images import write_pil
+from varejax.paths import as_path
 
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
 
 
 def line_plot(series: Mapping[str, Sequence[tuple[float, float]]], path: str | os.PathLike, *,
-              title: str = "", width: int = 720, height: int = 360, log_y: bool = False) -> Path:
+              title: str = "", width: int = 720, height: int = 360, log_y: bool = False) -> epath.Path:
     """Draws (x, y) series as lines with a legend; non-finite points are skipped."""
     from PIL import Image, ImageDraw
 
@@ -53,13 +56,13 @@ def line_plot(series: Mapping[str, Sequence[tuple[float, float]]], path: str | o
             draw.text((right - 170, top + 4 + 14 * k), f"-- {name}", fill=colour)
     draw.rectangle([left, top, right, bottom], outline="black")
     draw.text((left, 6), title, fill="black")
-    path = Path(path)
-    image.save(path)
+    path = as_path(path)
+    write_pil(path, image)
     return path
 
 
 def labelled_grid(images: np.ndarray, labels: Sequence[str], columns: int, path: str | os.PathLike,
-                  scale: int = 2) -> Path:
+                  scale: int = 2) -> epath.Path:
     """Images [N, H, W, 3] uint8 in a grid, each upscaled by `scale` with its label under it."""
     from PIL import Image, ImageDraw
 
@@ -73,8 +76,8 @@ def labelled_grid(images: np.ndarray, labels: Sequence[str], columns: int, path:
         tile = Image.fromarray(np.asarray(image, np.uint8)).resize((w * scale, h * scale), Image.NEAREST)
         canvas.paste(tile, (c * cell_w, r * cell_h))
         draw.text((c * cell_w + 2, r * cell_h + h * scale + 1), label[: cell_w // 6], fill="black")
-    path = Path(path)
-    canvas.save(path)
+    path = as_path(path)
+    write_pil(path, canvas)
     return path
 
 

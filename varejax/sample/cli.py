@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -26,9 +25,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if not any(config.model[k] for k in ("infinity", "vae", "t5")):
         # No model given: the embedded toy world (shipped in the package, its own schedule). Resolved here,
         # in the command, so that the sampling library knows nothing of the toy world.
+        from varejax.paths import as_path
         from varejax.toy.assets import TOY_SCHEDULE, load_toy_pipeline
 
-        pipeline = load_toy_pipeline(text_cache_dir=config.text_cache_dir or str(Path(args.workdir) / "text_cache"),
+        pipeline = load_toy_pipeline(text_cache_dir=config.text_cache_dir or str(as_path(args.workdir) / "text_cache"),
                                      **dict(config.numerics))
         schedule = TOY_SCHEDULE
     records = run_sampling(config, args.workdir, pipeline, schedule)

@@ -15,7 +15,6 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -25,12 +24,13 @@ from varejax import images as image_io
 from varejax.batching import padded_batches
 from varejax.errors import ConfigError
 from varejax.models import schedules
+from varejax.paths import as_path, write_text_atomic
 from varejax.sample.sampler import SamplingConfig, generate_jit
 
 
 def model_hash(model_dir: str | os.PathLike) -> str:
     """A short, stable id of a model folder: sha256 of its config.json (which records its sources)."""
-    path = Path(model_dir) / "config.json"
+    path = as_path(model_dir) / "config.json"
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
@@ -147,7 +147,7 @@ def run_sampling(config: Any, workdir: str | os.PathLike, pipeline: Pipeline | N
     """
     from tqdm import tqdm
 
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     out_dir = workdir / "images"
     out_dir.mkdir(parents=True, exist_ok=True)
     if schedule is None:
@@ -194,9 +194,8 @@ def run_sampling(config: Any, workdir: str | os.PathLike, pipeline: Pipeline | N
                       "top_p": sampling.top_p, "greedy": sampling.greedy, "h_div_w": config.h_div_w,
                       "pn": config.pn, "schedule": [list(s) for s in schedule], "models": pipeline.hashes}
             image_io.save_image(out_dir / f"{i:05d}.png", image)
-            tmp = out_dir / f".{i:05d}.json.tmp"
-            tmp.write_text(json.dumps(record, indent=1) + "\n")
-            os.replace(tmp, out_dir / f"{i:05d}.json")  # the record last: it marks the image done
+            # The record last: it marks the image done.
+            write_text_atomic(out_dir / f"{i:05d}.json", json.dumps(record, indent=1) + "\n")
     from varejax.parallel.distributed import sync
 
     sync("varejax:sampling")  # every image written before anyone reads them
@@ -207,7 +206,7 @@ def run_sampling(config: Any, workdir: str | os.PathLike, pipeline: Pipeline | N
     return records
 
 
-def _missing(out_dir: Path, count: int) -> list[int]:
+def _missing(out_dir: os.PathLike, count: int) -> list[int]:
     """Indices of the images without a record, as process 0 sees them (every process agrees)."""
     done = np.asarray([(out_dir / f"{i:05d}.json").exists() for i in range(count)], np.int32)
     if jax.process_count() > 1:

@@ -20,10 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -32,6 +30,7 @@ import numpy as np
 from varejax.batching import pad_rows, round_up
 from varejax.models.t5 import T5Config
 from varejax.models.t5_tokenizer import T5_VOCAB, T5Tokenizer
+from varejax.paths import as_path, load_npz, local_copy, save_npz
 
 LENGTH_MULTIPLE = 8
 
@@ -49,13 +48,13 @@ class FeatureCache:
     """{key: features [length, d] float32} as one .npz per entry under `directory`."""
 
     def __init__(self, directory: str | os.PathLike):
-        self.directory = Path(directory)
+        self.directory = as_path(directory)
 
     @staticmethod
     def key(prompt: str, encoder_id: str, max_length: int) -> str:
         return hashlib.sha256(json.dumps([prompt, encoder_id, int(max_length)]).encode()).hexdigest()
 
-    def path(self, key: str) -> Path:
+    def path(self, key: str) -> os.PathLike:
         return self.directory / key[:2] / f"{key}.npz"
 
     def get(self, key: str, prompt: str) -> np.ndarray | None:
@@ -64,25 +63,18 @@ class FeatureCache:
         if not path.is_file():
             return None
         try:
-            with np.load(path, allow_pickle=False) as data:
-                if str(data["prompt"]) != prompt:
-                    return None
-                return np.asarray(data["features"], np.float32)
+            data = load_npz(path, keys=("prompt", "features"))
+            if str(data["prompt"]) != prompt:
+                return None
+            return np.asarray(data["features"], np.float32)
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             return None  # a damaged entry is recomputed and rewritten
 
     def put(self, key: str, prompt: str, features: np.ndarray) -> None:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, features=np.asarray(features, np.float32), prompt=np.array(prompt),
-                         length=np.int32(features.shape[0]))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        save_npz(path, features=np.asarray(features, np.float32), prompt=np.array(prompt),
+                 length=np.int32(features.shape[0]))
 
 
 class TextEncoder:
@@ -118,7 +110,8 @@ class TextEncoder:
         from varejax.checkpoint import TOKENIZER_FILE, load_t5
 
         cfg, params = load_t5(str(model_dir), mesh=mesh, rules=rules, **overrides)
-        tokenizer = T5Tokenizer.from_file(Path(model_dir) / TOKENIZER_FILE, min_vocab=min_vocab)
+        with local_copy(as_path(model_dir) / TOKENIZER_FILE) as tokenizer_file:  # tokenizers opens local files only
+            tokenizer = T5Tokenizer.from_file(tokenizer_file, min_vocab=min_vocab)
         return cls(tokenizer, params, cfg, checkpoint_hash=checkpoint_hash(model_dir), cache_dir=cache_dir,
                    max_length=max_length)
 
