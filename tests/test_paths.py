@@ -156,3 +156,46 @@ def test_delta_and_trajectories_on_a_gs_workdir(bucket):
     assert text_length(files) == 8
     batch = TrajectoryBatches(files, batch_size=2, seed=0, text_len=8)[0]
     assert batch["x_BLC_wo_prefix"].shape == (2, 5, 4)
+
+
+def test_small_files_on_a_gs_workdir(bucket):
+    """Pair files, --arch JSON files, images and model-folder writes through the remote backend."""
+    from varejax import images
+    from varejax.checkpoint import ModelDirError, atomic_directory, read_config
+    from varejax.convert.arch import infinity_arch
+    from varejax.data.pairs import PromptPair, read_pairs, write_pairs
+
+    pairs = [PromptPair("a red circle", "a circle", "red", "x"), PromptPair("a red square", "a square", "red", "y")]
+    write_pairs(pairs, "gs://bucket/pairs.jsonl")
+    assert [(p.target, p.anchor) for p in read_pairs("gs://bucket/pairs.jsonl")] == [(p.target, p.anchor)
+                                                                                      for p in pairs]
+    epath.Path("gs://bucket/arch.json").write_text(json.dumps({"model": {"depth": 2, "embed_dim": 64,
+                                                                         "num_heads": 2}}))
+    assert infinity_arch("gs://bucket/arch.json").depth == 2
+
+    image = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    images.save_image("gs://bucket/im.png", image)
+    assert np.array_equal(images.load_uint8("gs://bucket/im.png"), image)
+
+    with atomic_directory("gs://bucket/model") as folder:  # an object store: written in place
+        assert str(folder) == "gs://bucket/model"
+        (folder / "config.json").write_text("{}")
+    assert read_config("gs://bucket/model") == {}
+    with pytest.raises(ModelDirError, match="already exists"):
+        with atomic_directory("gs://bucket/model"):
+            pass
+    with pytest.raises(RuntimeError), atomic_directory("gs://bucket/broken") as folder:
+        (folder / "params").write_text("half")
+        raise RuntimeError("interrupted")
+    assert not epath.Path("gs://bucket/broken").exists()  # a failed write leaves nothing behind
+
+
+def test_inputs_that_must_be_local_name_the_path():
+    """torch.load / safetensors / tokenizers open local files only: a URI is refused with its path and why."""
+    from varejax.convert.sources import open_checkpoint
+    from varejax.convert.t5 import convert_t5
+
+    with pytest.raises(UserError, match=r"gs://b/infinity_2b_reg.pth: must be a local path \(upstream checkpoints"):
+        open_checkpoint("gs://b/infinity_2b_reg.pth")
+    with pytest.raises(UserError, match=r"gs://b/flan-t5-xl: must be a local path \(an HF T5 folder"):
+        convert_t5("gs://b/flan-t5-xl", None, dry_run=True)

@@ -17,6 +17,7 @@ from varejax.checkpoint import FORMATS
 from varejax.convert.sources import CheckpointError
 from varejax.models.bsq_vae import VAEConfig, get_vae_preset
 from varejax.models.config import InfinityConfig, get_preset
+from varejax.paths import as_path
 
 
 class ArchError(CheckpointError):
@@ -37,8 +38,7 @@ def _arch_errors(spec: str) -> Iterator[None]:
 
 def _read_json(spec: str, kind: str) -> dict[str, Any]:
     """The JSON object of `spec`, unwrapped from a model folder's config.json (format checked)."""
-    with open(spec) as f:
-        data = json.load(f)
+    data = json.loads(as_path(spec).read_text())
     if not isinstance(data, dict):
         raise ArchError(f"--arch {spec}: expected a JSON object")
     if isinstance(data.get("model"), dict):

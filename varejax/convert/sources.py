@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from varejax.errors import UserError
+from varejax.paths import require_local
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
@@ -212,7 +213,8 @@ def open_checkpoint(path: str | os.PathLike, wrappers: Sequence[Sequence[str]] =
     Raises:
       CheckpointError: missing or unreadable files, unsafe pickles, an index naming absent shards, ...
     """
-    path = str(path)
+    path = require_local(path, "upstream checkpoints are read memory-mapped by torch.load and safetensors, which "
+                               "open local files only")
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or folder")
     if os.path.isfile(path) and path.endswith(".index.json"):

@@ -26,6 +26,7 @@ from varejax.convert.common import ConversionReport, finish, plan_report
 from varejax.convert.sources import CheckpointError, CheckpointSource, open_checkpoint, sha256_file
 from varejax.convert.t5_keys import DROPPED_PREFIXES, t5_rules
 from varejax.models.t5 import T5Config
+from varejax.paths import require_local
 
 # In order of preference; an HF repo often carries several of them (and TF/Flax files, ignored).
 WEIGHT_CANDIDATES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
@@ -132,7 +133,8 @@ def convert_t5(src: str, out: str | None, *, dry_run: bool = False, param_dtype:
         match the config.
     """
     start = time.time()
-    folder = Path(src)
+    folder = Path(require_local(src, "an HF T5 folder is read with torch.load / safetensors and tokenizers, which "
+                                     "open local files only"))
     if not folder.is_dir():
         raise CheckpointError(f"{src}: not a folder; --src must be a local HF T5 folder (config.json and weights)")
     cfg, hf = read_hf_config(folder, param_dtype=param_dtype)

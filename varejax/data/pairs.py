@@ -20,6 +20,7 @@ import os
 from collections.abc import Iterable, Sequence
 
 from varejax.errors import UserError
+from varejax.paths import as_path, write_text_atomic
 
 FIELD_SCHEMES: tuple[tuple[str, str, str], ...] = (
     ("varejax", "target", "anchor"),
@@ -66,8 +67,7 @@ def _row_to_pair(row: dict, where: str, default_concept: str) -> PromptPair:
 
 
 def _decoded_lines(path: str) -> list[str]:
-    with open(path, "rb") as f:
-        raw = f.read()
+    raw = as_path(path).read_bytes()
     lines = []
     for number, line in enumerate(raw.splitlines(keepends=True), start=1):
         try:
@@ -80,7 +80,7 @@ def _decoded_lines(path: str) -> list[str]:
 def read_pairs(path: str | os.PathLike, concept: str = "") -> list[PromptPair]:
     """Reads a JSONL or CSV pair file (by extension); `concept` fills rows without a concept field."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not as_path(path).is_file():
         raise PairFileError(f"{path}: no such file")
     lines = _decoded_lines(path)
     pairs: list[PromptPair] = []
@@ -112,12 +112,7 @@ def read_pairs(path: str | os.PathLike, concept: str = "") -> list[PromptPair]:
 
 def write_pairs(pairs: Iterable[PromptPair], path: str | os.PathLike) -> None:
     """Writes pairs as JSONL in our field names (atomically)."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for pair in pairs:
-            f.write(json.dumps(pair.to_dict(), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(pair.to_dict(), ensure_ascii=False) + "\n" for pair in pairs))
 
 
 def pool_pairs(groups: Sequence[Sequence[PromptPair]], seed: int = 0) -> list[PromptPair]:

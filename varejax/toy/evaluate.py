@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils.epath import Path
 
+from varejax.paths import as_path, is_remote, write_text_atomic
 from varejax.toy import oracle, world
 from varejax.toy.spec import EVAL_FILE, TOY_MIN_VOCAB, TOY_SCHEDULE
 
@@ -113,7 +115,7 @@ def load_models(models_dir: str | Path):
     """(Pipeline, oracle parameters) of a folder holding infinity/, vae/, t5/ and oracle/."""
     from varejax.sample.pipeline import Pipeline
 
-    models = Path(models_dir)
+    models = as_path(models_dir)
     for name in ("infinity", "vae", "t5", "oracle"):
         if not (models / name).is_dir():
             raise FileNotFoundError(f"{models / name} is missing: --models must hold infinity/, vae/, t5/ "
@@ -129,16 +131,17 @@ def run_eval(config, workdir: str | Path, models_dir: str | Path | None = None,
     writes WORKDIR/evaluation.json and WORKDIR/samples.png and returns the record."""
     from varejax.toy.assets import asset_dir
 
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    models = Path(models_dir) if models_dir else asset_dir()
+    models = as_path(models_dir or asset_dir())
     start = time.time()
     pipeline, oracle_params = load_models(models)
     evaluation = evaluate_prompt_following(pipeline, oracle_params, config.eval, int(config.seed))
     save_sample_grid(pipeline, config.eval, workdir / "samples.png")
-    record = {"models": str(models.resolve()), "seed": int(config.seed), "prompt_following": evaluation,
+    where = str(models) if is_remote(models) else os.path.realpath(models)
+    record = {"models": where, "seed": int(config.seed), "prompt_following": evaluation,
               "seconds": round(time.time() - start, 1),
               "command": command if command is not None else shlex.join(sys.argv),
               "eval_config": json.loads(config.eval.to_json())}
-    (workdir / EVAL_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    write_text_atomic(workdir / EVAL_FILE, json.dumps(record, indent=1) + "\n")
     return record

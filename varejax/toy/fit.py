@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import optax
+from etils import epath
+
+from varejax.paths import append_text
 
 
 class Logger:
     """Prints and appends to a log file (WORKDIR/train.log)."""
 
-    def __init__(self, path: Path | None, quiet: bool = False):
+    def __init__(self, path: epath.Path | None, quiet: bool = False):
         self.path, self.quiet = path, quiet
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,8 +35,7 @@ class Logger:
         if not self.quiet:
             print(line, flush=True)
         if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(line + "\n")
+            append_text(self.path, line + "\n")
 
 
 def warmup_cosine(learning_rate: float, warmup: int, steps: int) -> optax.Schedule:

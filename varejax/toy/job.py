@@ -24,14 +24,15 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils.epath import Path
 
 from varejax.data.pairs import PromptPair, write_pairs
 from varejax.eval.metrics import attribute_accuracy, erasure_rate, frechet_distance
 from varejax.eval.report import labelled_grid, line_plot, markdown_table, text_table
+from varejax.paths import as_path, write_text_atomic
 from varejax.toy import world
 
 
@@ -112,7 +113,7 @@ class ToyBench:
         from varejax.sample.sampler import SamplingConfig
         from varejax.toy.assets import TOY_SCHEDULE, load_toy_oracle, load_toy_pipeline
 
-        self.workdir = Path(workdir)
+        self.workdir = as_path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.concepts = list(config.toy.concepts)
         self.pipeline = load_toy_pipeline(text_cache_dir=str(self.workdir / "text_cache"), **dict(config.numerics))
@@ -234,7 +235,7 @@ def run_toy_job(config: Any, workdir: str | Path, *, verbose: bool = True) -> di
                "config": config.to_dict() if hasattr(config, "to_dict") else None}
     if not is_main_process():
         return results
-    (workdir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_text_atomic(workdir / "results.json", json.dumps(results, indent=1) + "\n")
     _write_report(workdir, results, bench.sets, before, after, bench.concepts)
     if verbose:
         print(summary_table(results))
@@ -289,7 +290,7 @@ def _write_report(workdir: Path, results, sets, before, after, concepts) -> None
                   for key in ("loss_erase", "loss_pre", "kept_fraction")}
         line_plot(series, figures / "losses.png", title="S-VARE training (per step)")
         lines += ["## Training", "", "![losses](figures/losses.png)", ""]
-    (workdir / "report.md").write_text("\n".join(lines))
+    write_text_atomic(workdir / "report.md", "\n".join(lines))
 
 
 def toy_config(concepts: Sequence[str], anchors: Sequence[str] = (), size: str = "full"):

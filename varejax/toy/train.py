@@ -30,17 +30,17 @@ import hashlib
 import json
 import os
 import shlex
-import shutil
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from etils.epath import Path
 
 from varejax.models.state import flat_params
+from varejax.paths import as_path, copy_tree, write_text_atomic
 from varejax.toy import evaluate, oracle, trainers, world
 from varejax.toy.fit import Logger
 from varejax.toy.spec import (
@@ -88,13 +88,11 @@ def install(models_dir: Path, target: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for name in MODEL_NAMES:
         _copy_model(models_dir / name, target / name)
-    shutil.copyfile(models_dir / WORLD_FILE, target / WORLD_FILE)
+    (target / WORLD_FILE).write_bytes((models_dir / WORLD_FILE).read_bytes())
 
 
 def _copy_model(src: Path, dest: Path) -> None:
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.copytree(src, dest)
+    copy_tree(src, dest)
 
 
 def _save_preview(path: Path, originals: np.ndarray, recon: np.ndarray) -> None:
@@ -150,11 +148,11 @@ def run(config, workdir: str | os.PathLike, command: str | None = None) -> dict[
     """
     from varejax.checkpoint import load_infinity, load_t5, load_vae, read_config
 
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     models = workdir / "models"
     models.mkdir(parents=True, exist_ok=True)
     log = Logger(workdir / "train.log", quiet=config.quiet)
-    stages = Stages(models, Path(config.reuse_dir) if config.reuse_dir else None, log)
+    stages = Stages(models, as_path(config.reuse_dir) if config.reuse_dir else None, log)
     wall_start = time.time()
     seed = int(config.seed)
     batch = int(config.data.eval_batch)
@@ -307,11 +305,11 @@ def run(config, workdir: str | os.PathLike, command: str | None = None) -> dict[
         "reused_stages": stages.reused,
         "machine": {"cpus": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend()},
     }
-    (models / WORLD_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+    write_text_atomic(models / WORLD_FILE, json.dumps(summary, indent=1) + "\n")
     log(f"done in {times['total']:.0f}s: {json.dumps(summary['seconds'])}")
     if config.install:
         from varejax.toy.assets import asset_dir
 
-        install(models, Path(asset_dir()))
+        install(models, as_path(asset_dir()))
         log(f"installed into {asset_dir()}")
     return summary
