@@ -2,7 +2,7 @@
 # Run one varejax command on every worker of a multi-host TPU VM slice, detached from ssh.
 #
 #   launch/tpu_pod.sh --sync --install my-tpu us-central2-b \
-#     "varejax erase --config configs/sweep.py --workdir gs://bucket/run1 --config.mesh.shape='(4, 4, 1)'"
+#     "varejax erase --config configs/erase.py:church --workdir gs://bucket/church --config.mesh.shape='(1, 2, 8)'"
 #   launch/tpu_pod.sh --logs RUN my-tpu us-central2-b     # follow worker 0's log (--worker N|all)
 #   launch/tpu_pod.sh --stop RUN my-tpu us-central2-b     # stop RUN on every worker
 #
