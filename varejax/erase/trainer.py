@@ -416,7 +416,8 @@ def _wait_for_files(files: list[Path]) -> None:
     missing = [f for f in files if not f.exists()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} trajectories missing after every process prepared its share, "
-                                f"e.g. {missing[0]} (on several hosts the workdir must be a shared file system)")
+                                f"e.g. {missing[0]} (on several hosts the workdir must be shared: a network file "
+                                f"system or a gs:// path)")
 
 
 def _load_models(config: Any, workdir: Path, mesh, rules):
