@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests import fixtures
+from tests import fixtures, measured
 from varejax.configlib import load_config
 from varejax.data.pairs import PromptPair, write_pairs
 from varejax.erase import optim
@@ -135,21 +135,38 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dirs, t
     assert [m["step"] for m in _metrics(tmp_path / "run")] == [1, 2]
 
 
+def _cli_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith("JAX_")}
+    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=os.environ.get("VAREJAX_JAX_CACHE",
+                                                                              str(REPO / ".jax_cache")),
+               XLA_FLAGS="--xla_backend_optimization_level=0")
+    return env
+
+
 def _cli(workdir: Path, overrides: list[str], env: dict) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "varejax", "erase", "--config", CONFIG, "--workdir", str(workdir)]
     return subprocess.Popen(cmd + ["--" + o for o in overrides], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
 
-def test_killed_run_resumes_to_identical_parameters(tiny_model_dirs, tmp_path):
-    overrides = _overrides(tiny_model_dirs, _pairs_file(tmp_path), **{"train.steps": 6,
-                                                                     "train.checkpoint_every": 1})
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(REPO / ".jax_cache"),
-               XLA_FLAGS="--xla_backend_optimization_level=0")
-    reference = _cli(tmp_path / "reference", overrides, env)
-    assert reference.wait(timeout=600) == 0, reference.stderr.read()
+def _cli_overrides(dirs, pairs, **extra) -> list[str]:
+    return _overrides(dirs, pairs, **{"train.steps": 6, "train.checkpoint_every": 1, **extra})
 
+
+@pytest.fixture(scope="module")
+def cli_reference(tiny_model_dirs, tmp_path_factory):
+    """`varejax erase` on the tiny model in one process (4 pairs, 6 steps, a checkpoint each step): the run
+    that a killed-and-resumed run and a multi-process run must reproduce."""
+    tmp = tmp_path_factory.mktemp("cli_reference")
+    pairs = _pairs_file(tmp)
+    reference = _cli(tmp / "reference", _cli_overrides(tiny_model_dirs, pairs), _cli_env())
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()
+    return tmp / "reference", pairs
+
+
+def test_killed_run_resumes_to_identical_parameters(tiny_model_dirs, cli_reference, tmp_path):
+    reference, pairs = cli_reference
+    overrides, env = _cli_overrides(tiny_model_dirs, pairs), _cli_env()
     victim = _cli(tmp_path / "killed", overrides, env)
     checkpoints = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 600
@@ -165,12 +182,58 @@ def test_killed_run_resumes_to_identical_parameters(tiny_model_dirs, tmp_path):
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
 
     from varejax.checkpoint import restore_flat
-    a, b = restore_flat(tmp_path / "reference" / "model"), restore_flat(tmp_path / "killed" / "model")
+    a, b = restore_flat(reference / "model"), restore_flat(tmp_path / "killed" / "model")
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
     steps = [m["step"] for m in _metrics(tmp_path / "killed")]
     assert steps == list(range(1, 7))
+
+
+def _launch(n: int, workdir: Path, phase: str, overrides: list[str]) -> subprocess.CompletedProcess:
+    import shlex
+
+    command = shlex.join([sys.executable, "-m", "varejax", "erase", *([phase] if phase else []), "--config", CONFIG,
+                          "--workdir", str(workdir), *("--" + o for o in overrides)])
+    env = {**_cli_env(), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run(["bash", str(REPO / "launch" / "local.sh"), str(n), command], cwd=REPO, env=env,
+                          text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
+
+
+@pytest.mark.slow
+def test_more_processes_than_pairs_prepare_and_two_processes_erase_like_one(tiny_model_dirs, cli_reference,
+                                                                            tmp_path):
+    """The real (converted) model on several processes joined by `launch/local.sh`: `varejax erase prepare`
+    on 3 processes for 2 pairs (a process holds only padding) writes the one-process trajectories, and
+    `varejax erase` on 2 processes (data parallel, the same global batch) ends with the one-process deltas."""
+    from safetensors.numpy import load_file
+
+    reference, pairs = cli_reference
+    two_pairs = tmp_path / "two_pairs.jsonl"
+    two_pairs.write_text("".join(open(pairs).readlines()[:2]))
+    out = _launch(3, tmp_path / "three", "prepare", _cli_overrides(tiny_model_dirs, str(two_pairs), **{
+        "mesh.shape": (3, 1, 1), "prepare.batch_size": 3, "train.batch_size": 3}))
+    assert out.returncode == 0, out.stdout[-6000:]
+    written = sorted(p.name for p in (tmp_path / "three" / "trajectories").iterdir())
+    assert written == ["000000.npz", "000001.npz"], written  # no temporary or padding files
+    for name in written:
+        with np.load(reference / "trajectories" / name) as a, np.load(tmp_path / "three" / "trajectories" / name) as b:
+            np.testing.assert_array_equal(a["gt_bits"], b["gt_bits"])
+            diff = float(np.abs(a["x_BLC_wo_prefix"] - b["x_BLC_wo_prefix"]).max())
+            print(f"3-process prepare, {name}: max |x difference| {diff:.3g}")
+            measured.check("multihost/tiny_prepare_3proc_x_max_abs", diff, 1e-5,
+                           "trajectory features, 3 processes (batch 3, one padded) vs 1 process (batch 2)")
+
+    out = _launch(2, tmp_path / "two", "", _cli_overrides(tiny_model_dirs, pairs, **{
+        "mesh.shape": (2, 1, 1), "train.checkpoint_every": 6}))  # checkpoints do not change the numbers
+    assert out.returncode == 0, out.stdout[-6000:]
+    a, b = load_file(str(reference / "delta.safetensors")), load_file(str(tmp_path / "two" / "delta.safetensors"))
+    assert a.keys() == b.keys()
+    largest = max(float(np.abs(v).max()) for v in a.values())
+    diff = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+    print(f"2-process erase, tiny model: max |delta difference| {diff:.3g} (largest delta {largest:.3g})")
+    measured.check("multihost/tiny_erase_2proc_delta_max_abs", diff, 0.01 * largest,
+                   "max |delta(2 processes) - delta(1 process)|, tiny Infinity, 6 steps")
 
 
 def test_sharded_step_equals_single_device(finished_run):

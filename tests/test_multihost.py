@@ -239,3 +239,34 @@ def test_two_processes_sample_like_one(tmp_path):
     assert one == two and len(one) == 4 * 2 + 1  # no temporary files left behind
     for rel in one:  # images, records, grid
         assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes(), rel
+
+
+def test_two_processes_convert_like_one(tmp_path):
+    """`varejax convert vae` on two processes: process 0 alone writes --out (the other waits and shares its
+    exit status); the folder holds what the one-process folder holds; a failure on process 0 fails both."""
+    from tests import fixtures
+
+    folder = fixtures.first_infinity_folder()
+    src, arch = fixtures.checkpoint_file(folder, "vae"), folder / "config.json"
+    cmd = f"{sys.executable} -m varejax.cli convert vae --src {src} --arch {arch} --out"
+    single = subprocess.run(f"{cmd} {tmp_path / 'one'}", shell=True, cwd=REPO, env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    assert single.returncode == 0, single.stdout[-3000:]
+    out = _launch(2, f"{cmd} {tmp_path / 'two'}", 300)
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "[1] process 1: convert ran on process 0 (status 0)" in out.stdout
+    # orbax names its data files at random, so the folders are compared by content: config.json but its
+    # time of creation, every array bit for bit, and no temporary file left behind.
+    from varejax.checkpoint import restore_flat
+
+    metas = [json.loads((tmp_path / run / "config.json").read_text()) for run in ("one", "two")]
+    assert [{k: v for k, v in m.items() if k != "created"} for m in metas][0] == {
+        k: v for k, v in metas[1].items() if k != "created"}
+    a, b = restore_flat(tmp_path / "one"), restore_flat(tmp_path / "two")
+    assert a.keys() == b.keys() and a
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
+    leftovers = [p for p in (tmp_path / "two").rglob("*") if p.name.startswith(".") or "tmp" in p.name]
+    assert not leftovers, leftovers
+    again = _launch(2, f"{cmd} {tmp_path / 'two'}", 300)  # --out exists: process 0 refuses, both exit 2
+    assert again.returncode == 2 and "[0] error:" in again.stdout and "already exists" in again.stdout, again.stdout
