@@ -1,6 +1,7 @@
 """Run reports: a Markdown page with tables, image grids and a loss plot (PNG, drawn with Pillow).
 
-No plotting library is needed: `line_plot` draws axes, ticks and one polyline per series.
+No plotting library is needed: `line_plot` draws axes, ticks and one polyline per series; `scatter_plot` draws
+panels of points (one colour and marker per series) with a Pareto front marked.
 """
 
 from __future__ import annotations
@@ -58,6 +59,145 @@ def line_plot(series: Mapping[str, Sequence[tuple[float, float]]], path: str | o
     draw.text((left, 6), title, fill="black")
     path = as_path(path)
     write_pil(path, image)
+    return path
+
+
+def nice_ticks(low: float, high: float, target: int = 5) -> tuple[list[float], int]:
+    """Round tick values in [low, high] (steps of 1, 2 or 5 x 10^k, about `target` of them) and the number of
+    decimals their labels need."""
+    raw = (high - low) / max(target, 1)
+    magnitude = 10 ** math.floor(math.log10(raw))
+    # The first round step of at least 0.7 x the even split: between `target` and about 1.5 x `target` ticks.
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= 0.7 * raw)
+    first, last = math.ceil(low / step - 1e-9), math.floor(high / step + 1e-9)
+    return [k * step for k in range(first, last + 1)], max(0, -math.floor(math.log10(step) + 1e-9))
+
+
+def _padded_range(values: Sequence[float]) -> tuple[float, float]:
+    low, high = min(values), max(values)
+    span = high - low if high > low else max(abs(low) * 0.1, 0.05)
+    return low - 0.06 * span, high + 0.06 * span
+
+
+def _marker(draw, shape: int, x: float, y: float, r: float, colour) -> None:
+    """Marker `shape` (0 circle, 1 square, 2 triangle up, 3 diamond, 4 triangle down, 5 cross) centred at x, y."""
+    shape %= 6
+    if shape == 0:
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+    elif shape == 1:
+        draw.rectangle([x - r, y - r, x + r, y + r], fill=colour)
+    elif shape == 2:
+        draw.polygon([(x, y - r - 1), (x + r + 1, y + r), (x - r - 1, y + r)], fill=colour)
+    elif shape == 3:
+        draw.polygon([(x, y - r - 1), (x + r + 1, y), (x, y + r + 1), (x - r - 1, y)], fill=colour)
+    elif shape == 4:
+        draw.polygon([(x, y + r + 1), (x + r + 1, y - r), (x - r - 1, y - r)], fill=colour)
+    else:
+        draw.line([(x - r, y - r), (x + r, y + r)], fill=colour, width=2)
+        draw.line([(x - r, y + r), (x + r, y - r)], fill=colour, width=2)
+
+
+def _scatter_panel(title: str, series: Mapping[str, Sequence[tuple[float, float]]], names: Sequence[str],
+                   front: Sequence[tuple[float, float]], x_range, y_range, x_label: str, y_label: str,
+                   size: tuple[int, int], font):
+    from PIL import Image, ImageDraw
+
+    width, height = size
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = 70, width - 14, 30, height - 50
+    sx = lambda x: left + (x - x_range[0]) / (x_range[1] - x_range[0]) * (right - left)
+    sy = lambda y: bottom - (y - y_range[0]) / (y_range[1] - y_range[0]) * (bottom - top)
+    x_ticks, x_decimals = nice_ticks(*x_range)
+    y_ticks, y_decimals = nice_ticks(*y_range)
+    for value in x_ticks:
+        x, label = sx(value), f"{value:.{x_decimals}f}"
+        draw.line([(x, top), (x, bottom)], fill=(230, 230, 230))
+        draw.line([(x, bottom), (x, bottom + 4)], fill="black")
+        draw.text((x - draw.textlength(label, font=font) / 2, bottom + 6), label, fill="black", font=font)
+    for value in y_ticks:
+        y, label = sy(value), f"{value:.{y_decimals}f}"
+        draw.line([(left, y), (right, y)], fill=(230, 230, 230))
+        draw.line([(left - 4, y), (left, y)], fill="black")
+        draw.text((left - 8 - draw.textlength(label, font=font), y - 8), label, fill="black", font=font)
+    draw.rectangle([left, top, right, bottom], outline="black")
+    draw.text((left, 8), title, fill="black", font=font)
+    draw.text(((left + right - draw.textlength(x_label, font=font)) / 2, height - 22), x_label, fill="black",
+              font=font)
+    # The y label is drawn on its own strip and turned a quarter turn, reading bottom to top.
+    strip = Image.new("RGB", (int(draw.textlength(y_label, font=font)) + 4, 18), "white")
+    ImageDraw.Draw(strip).text((2, 1), y_label, fill="black", font=font)
+    strip = strip.rotate(90, expand=True)
+    image.paste(strip, (4, int((top + bottom - strip.height) / 2)))
+
+    front = sorted(front)  # by erasure, so the line walks the front from one end to the other
+    if len(front) > 1:
+        draw.line([(sx(x), sy(y)) for x, y in front], fill=(60, 60, 60), width=1)
+    for x, y in front:
+        draw.ellipse([sx(x) - 8, sy(y) - 8, sx(x) + 8, sy(y) + 8], outline="black", width=2)
+    for k, name in enumerate(names):
+        for x, y in series.get(name, ()):
+            _marker(draw, k, sx(x), sy(y), 4, PALETTE[k % len(PALETTE)])
+
+    # The legend goes in the corner that hides the fewest points; the lower left first (poor erasure and poor
+    # preservation: usually empty).
+    entries = len(names) + (1 if front else 0)
+    box_w, box_h = 34 + max([draw.textlength(n, font=font) for n in [*names, "Pareto front"]]), 4 + 18 * entries
+    corners = [(left + 6, bottom - 6 - box_h), (right - 6 - box_w, bottom - 6 - box_h), (left + 6, top + 6),
+               (right - 6 - box_w, top + 6)]
+    pixels = [(sx(x), sy(y)) for pts in series.values() for x, y in pts]
+    hidden = lambda c: sum(c[0] - 8 <= px <= c[0] + box_w + 8 and c[1] - 8 <= py <= c[1] + box_h + 8
+                           for px, py in pixels)
+    box_left, box_top = min(corners, key=hidden)
+    draw.rectangle([box_left, box_top, box_left + box_w, box_top + box_h], fill="white", outline=(160, 160, 160))
+    for k, name in enumerate(names):
+        y = box_top + 11 + 18 * k
+        _marker(draw, k, box_left + 12, y, 4, PALETTE[k % len(PALETTE)])
+        draw.text((box_left + 24, y - 8), name, fill="black", font=font)
+    if front:
+        y = box_top + 11 + 18 * len(names)
+        draw.line([(box_left + 4, y), (box_left + 20, y)], fill=(60, 60, 60))
+        draw.ellipse([box_left + 6, y - 6, box_left + 18, y + 6], outline="black", width=2)
+        draw.text((box_left + 24, y - 8), "Pareto front", fill="black", font=font)
+    return image
+
+
+def scatter_plot(panels: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]], path: str | os.PathLike, *,
+                 fronts: Mapping[str, Sequence[tuple[float, float]]] | None = None, x_label: str = "",
+                 y_label: str = "", panel_size: tuple[int, int] = (480, 400), columns: int = 3) -> epath.Path:
+    """Scatter plots side by side (`columns` per row), one panel per key of `panels`, written as one image.
+
+    Args:
+      panels: panel title -> {series name -> (x, y) points}. A series keeps its colour and marker in every
+        panel (the order of first appearance), and all panels share their axes so that they compare.
+      fronts: panel title -> points of that panel's Pareto front: ringed and joined by a line.
+      panel_size: (width, height) of one panel in pixels; the image is
+        (min(n, columns) * width, ceil(n / columns) * height) for n panels.
+    Non-finite points are skipped.
+    """
+    from PIL import Image, ImageFont
+
+    if not panels:
+        raise ValueError("scatter_plot needs at least one panel")
+    fronts = fronts or {}
+    panels = {title: {name: [(float(x), float(y)) for x, y in pts if math.isfinite(x) and math.isfinite(y)]
+                      for name, pts in series.items()} for title, series in panels.items()}
+    names = list(dict.fromkeys(name for series in panels.values() for name in series))
+    points = [p for series in panels.values() for pts in series.values() for p in pts]
+    points += [p for front in fronts.values() for p in front]
+    x_range = _padded_range([p[0] for p in points] or [0.0, 1.0])
+    y_range = _padded_range([p[1] for p in points] or [0.0, 1.0])
+    font = ImageFont.load_default(size=13)  # a scalable font where Pillow has FreeType; bitmap otherwise
+    columns = max(1, min(columns, len(panels)))
+    width, height = panel_size
+    canvas = Image.new("RGB", (columns * width, math.ceil(len(panels) / columns) * height), "white")
+    for i, (title, series) in enumerate(panels.items()):
+        panel = _scatter_panel(title, series, names, fronts.get(title, ()), x_range, y_range, x_label, y_label,
+                               panel_size, font)
+        row, column = divmod(i, columns)
+        canvas.paste(panel, (column * width, row * height))
+    path = as_path(path)
+    write_pil(path, canvas)
     return path
 
 
