@@ -2,6 +2,7 @@
 
     varejax convert infinity --src infinity_2b_reg.pth --arch 2b --out models/infinity_2b
     varejax sample --config configs/sample.py --workdir runs/sample --config.prompts="('a fox',)"
+    varejax sweep --config configs/sweep_toy.py --workdir runs/sweep
     varejax toy train --workdir runs/toy
     varejax config show --config configs/erase.py:church --config.train.steps=100
 
@@ -19,6 +20,7 @@ from varejax.convert import cli as convert_cli
 from varejax.erase import cli as erase_cli
 from varejax.errors import UserError
 from varejax.sample import cli as sample_cli
+from varejax.sweep import cli as sweep_cli
 from varejax.toy import cli as toy_cli
 
 
@@ -31,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert_cli.add_parser(stages)
     sample_cli.add_parser(stages)
     erase_cli.add_parser(stages)
+    sweep_cli.add_parser(stages)
     toy_cli.add_parser(stages)
     _add_config_parser(stages)
     return parser

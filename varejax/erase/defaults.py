@@ -37,6 +37,8 @@ def base_config(pairs: Sequence[str] = ()) -> ml_collections.ConfigDict:
     config.prepare.seed = 42
     config.prepare.same_seed_for_all_pairs = False  # True = official (seed 42 for every prompt)
     config.prepare.batch_size = 2
+    # "" = WORKDIR/trajectories; sweeps point runs that share pairs and these settings at one folder
+    config.prepare.trajectory_dir = ""
 
     config.train = ml_collections.ConfigDict()
     config.train.steps = 500

@@ -254,6 +254,11 @@ def setup_erase(config: Any, workdir: str | os.PathLike, *, models: Any = None,
                         preloaded=models is not None)
 
 
+def trajectory_dir(config: Any, workdir: Path) -> Path:
+    """Where the run's VARE trajectories live: `config.prepare.trajectory_dir`, else WORKDIR/trajectories."""
+    return as_path(config.prepare.trajectory_dir) if config.prepare.get("trajectory_dir") else workdir / "trajectories"
+
+
 def prepare(config: Any, run: ErasureSetup) -> list[Path]:
     """Samples the VARE anchor trajectories this process owns (skipping finished files); returns all paths."""
     from varejax.parallel import sharding_context
@@ -262,7 +267,7 @@ def prepare(config: Any, run: ErasureSetup) -> list[Path]:
     with sharding_context(run.mesh, run.rules):
         return prepare_trajectories(run.pairs, params=run.params, cfg=run.cfg, encode_text=run.encode_text,
                                     schedule=run.schedule, tcfg=trajectory_config(config),
-                                    out_dir=run.workdir / "trajectories", progress=is_main_process())
+                                    out_dir=trajectory_dir(config, run.workdir), progress=is_main_process())
 
 
 def prepare_erase(config: Any, workdir: str | os.PathLike, *, models: Any = None,

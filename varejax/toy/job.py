@@ -109,15 +109,17 @@ RESAMPLE_SEED_OFFSET = 1_000_000  # seeds of the noise-floor resample: disjoint 
 class ToyBench:
     """The toy world's models, oracle and fixed prompt sets: images of any parameters, and the metrics."""
 
-    def __init__(self, config: Any, workdir: str | Path):
+    def __init__(self, config: Any, workdir: str | Path, *, pipeline: Any = None, oracle: Any = None):
+        """`pipeline` / `oracle`: already loaded ones to share (a sweep's benches share one of each)."""
         from varejax.sample.sampler import SamplingConfig
         from varejax.toy.assets import TOY_SCHEDULE, load_toy_oracle, load_toy_pipeline
 
         self.workdir = as_path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.concepts = list(config.toy.concepts)
-        self.pipeline = load_toy_pipeline(text_cache_dir=str(self.workdir / "text_cache"), **dict(config.numerics))
-        self.oracle = load_toy_oracle()
+        self.pipeline = pipeline or load_toy_pipeline(text_cache_dir=str(self.workdir / "text_cache"),
+                                                      **dict(config.numerics))
+        self.oracle = oracle or load_toy_oracle()
         self.schedule = TOY_SCHEDULE
         e = config.eval
         self.sets: dict[str, PromptSet] = {}
