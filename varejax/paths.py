@@ -71,7 +71,7 @@ def orbax_path(path: PathLike) -> epath.Path:
 
 
 def _temporary_sibling(path: epath.Path) -> epath.Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
 
 
 def write_bytes_atomic(path: PathLike, data: bytes) -> epath.Path:
