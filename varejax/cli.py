@@ -3,6 +3,7 @@
     varejax convert infinity --src infinity_2b_reg.pth --arch 2b --out models/infinity_2b
     varejax sample --config configs/sample.py --workdir runs/sample --config.prompts="('a fox',)"
     varejax sweep --config configs/sweep_toy.py --workdir runs/sweep
+    varejax merge --base models/infinity_2b runs/church/delta.safetensors --out models/infinity_2b_church
     varejax toy train --workdir runs/toy
     varejax config show --config configs/erase.py:church --config.train.steps=100
 
@@ -18,6 +19,7 @@ import sys
 from varejax import configlib
 from varejax.convert import cli as convert_cli
 from varejax.erase import cli as erase_cli
+from varejax.erase import merge as merge_cli
 from varejax.errors import UserError
 from varejax.sample import cli as sample_cli
 from varejax.sweep import cli as sweep_cli
@@ -33,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert_cli.add_parser(stages)
     sample_cli.add_parser(stages)
     erase_cli.add_parser(stages)
+    merge_cli.add_parser(stages)
     sweep_cli.add_parser(stages)
     toy_cli.add_parser(stages)
     _add_config_parser(stages)

@@ -16,7 +16,9 @@ Workdir layout:
     metrics.jsonl, tb/        per-step metrics (JSONL and TensorBoard)
     validation/step_NNNNNN.png  images of `validation.prompts` (when a tokenizer is configured)
     model/                    the erased model (a varejax model folder, `varejax sample` reads it)
-    delta.safetensors         trainable-parameter deltas in upstream key names and torch layout
+    delta.safetensors         trainable-parameter deltas in upstream key names and torch layout, with
+                              metadata: base hash, method, config (`varejax merge` applies them)
+    lora.safetensors          LoRA runs: the trained factors (varejax.erase.export.write_lora_factors)
 
 Options beyond the official recipe:
   config.train.trainable = "lora"   train only LoRA factors of rank config.train.lora_rank (scale
@@ -472,8 +474,8 @@ def _validation(config, workdir, cfg, schedule, encode_text, mesh, rules):
 
 
 def _export(config, workdir: Path, cfg, params, original, scfg: SvareConfig) -> None:
-    """Every process takes part (gathering sharded arrays is collective); process 0 writes."""
-    from varejax.erase.export import write_delta, write_erased_model
+    """Every process takes part (gathering sharded arrays is collective); process 0 writes model/,
+    delta.safetensors with its metadata (base hash, method, config) and, for LoRA, lora.safetensors."""
+    from varejax.erase.export import export_run
 
-    write_erased_model(workdir / "model", cfg, params, config)
-    write_delta(workdir / "delta.safetensors", cfg, params, original, scfg.optim.trainable)
+    export_run(workdir, cfg, params, original, config, scfg.optim.trainable)
