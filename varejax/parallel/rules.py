@@ -115,6 +115,11 @@ def sharding_context(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Iterato
         _ACTIVE.reset(token)
 
 
+def active_sharding() -> tuple[Mesh, LogicalRules] | None:
+    """The (mesh, rules) of the enclosing `sharding_context`, or None outside one."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical names; a no-op outside `sharding_context`."""
     active = _ACTIVE.get()
