@@ -150,3 +150,34 @@ def test_finished_runs_are_never_redone_and_added_points_run(stacked, tmp_path):
     assert len(list((workdir / "shared" / "trajectories").iterdir())) == 1
     result = json.loads((workdir / "runs" / "concept=circle,seed=2" / "results.json").read_text())
     assert result["grid"] == {"concept": "circle", "seed": "2"} and result["train_steps"] == 4
+
+
+@pytest.mark.slow
+def test_the_infinity_sweep_config_runs_on_the_tiny_converted_model(tiny_model_dirs, tmp_path):
+    """configs/sweep.py (the Infinity-2B sweep) with the tiny converted model and 2 pairs per concept: two
+    concepts in one stack whose run axis is split over the mesh's data axis (2 of the 8 test devices);
+    each run a normal erase workdir (model/, delta.safetensors, results.json) scored by its training
+    metrics, and the trajectories prepared once per concept."""
+    from tests import fixtures
+
+    schedule = fixtures.schedule(fixtures.config(tiny_model_dirs["fixture"]))
+    grid = ("(('concept', ({'name': 'church', 'pairs': ('pairs/church.jsonl',)}, "
+            "{'name': 'van_gogh', 'pairs': ('pairs/van_gogh.jsonl',)})),)")
+    overrides = {"model.infinity": tiny_model_dirs["infinity"], "model.t5": tiny_model_dirs["t5"],
+                 "model.min_vocab": 100, "max_pairs_per_concept": 2, "schedule": schedule,
+                 "prepare.batch_size": 2, "train.steps": 2, "train.batch_size": 2, "train.checkpoint_every": 2,
+                 "train.learning_rate": 1e-3, "train.remat": False, "train.cond_drop_rate": 0.0,
+                 "train.drop_path_rate": 0.0, "numerics.compute_dtype": "float32", "mesh.shape": (2, 1, 1)}
+    config = load_config(str(REPO / "configs" / "sweep.py"), [f"config.base.{k}={v!r}" for k, v in overrides.items()]
+                         + [f"config.grid={grid}"])
+    rows = Sweep(config, str(tmp_path), "test").run(config_dir=str(REPO / "configs"), verbose=False)
+    assert sorted(r["name"] for r in rows) == ["concept=church", "concept=van_gogh"]
+    assert len({r["stack"] for r in rows}) == 1
+    for row in rows:
+        run = tmp_path / "runs" / row["name"]
+        assert (run / "model" / "config.json").is_file() and (run / "delta.safetensors").is_file()
+        assert np.isfinite(row["metrics"]["final_loss_erase"]) and row["steps"] == 2
+        assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    church, van_gogh = _deltas(tmp_path, "concept=church"), _deltas(tmp_path, "concept=van_gogh")
+    assert max(float(np.abs(church[k] - van_gogh[k]).max()) for k in church) > 0  # each run its own pairs
+    assert len(list((tmp_path / "shared" / "trajectories").iterdir())) == 2
