@@ -2,6 +2,8 @@
 # Run one varejax command on every worker of a multi-host TPU VM slice, detached from ssh.
 #
 #   launch/tpu_pod.sh --sync --install my-tpu us-central2-b \
+#     "varejax sweep --config configs/sweep.py --workdir gs://bucket/sweep --config.base.model.infinity=..."
+#   launch/tpu_pod.sh my-tpu us-central2-b \
 #     "varejax erase --config configs/erase.py:church --workdir gs://bucket/church --config.mesh.shape='(1, 2, 8)'"
 #   launch/tpu_pod.sh --logs RUN my-tpu us-central2-b     # follow worker 0's log (--worker N|all)
 #   launch/tpu_pod.sh --stop RUN my-tpu us-central2-b     # stop RUN on every worker
