@@ -252,3 +252,30 @@ def test_lora_factors_round_trip(runs, base, tmp_path, capsys):
         status, err = _merge(capsys, "--base", base[0], delta, "--out", tmp_path / name)
         assert status == 0, err
         _assert_same(_flat(load_infinity(str(tmp_path / name))[1]), erased)
+
+
+# ---- several processes -------------------------------------------------------------------------------
+
+
+def test_two_processes_merge_like_one(base, tmp_path, capsys):
+    """`launch/local.sh 2 "varejax merge ..."`: process 0 alone writes (the same arrays as one process), the
+    other returns its status; a refusal on process 0 fails both."""
+    import sys
+
+    from tests.test_multihost import _launch
+    from varejax.checkpoint import restore_flat
+
+    _synthetic_delta(tmp_path / "d.safetensors", base, seed=6)
+    _synthetic_delta(tmp_path / "other.safetensors", base, seed=7, base_hash="f" * 64)
+    status, err = _merge(capsys, "--base", base[0], tmp_path / "d.safetensors", "--out", tmp_path / "one")
+    assert status == 0, err
+    cmd = f"{sys.executable} -m varejax.cli merge --base {base[0]}"
+    out = _launch(2, f"{cmd} {tmp_path / 'd.safetensors'} --out {tmp_path / 'two'}", 300)
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "[1] process 1: merge ran on process 0 (status 0)" in out.stdout
+    one, two = restore_flat(tmp_path / "one"), restore_flat(tmp_path / "two")
+    _assert_same(one, two)
+    assert read_config(tmp_path / "one")["source"] == read_config(tmp_path / "two")["source"]
+    refused = _launch(2, f"{cmd} {tmp_path / 'other.safetensors'} --out {tmp_path / 'three'}", 300)
+    assert refused.returncode == 2 and "[0] error:" in refused.stdout and "f" * 64 in refused.stdout, refused.stdout
+    assert not (tmp_path / "three").exists()

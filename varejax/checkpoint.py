@@ -213,10 +213,14 @@ def restore_flat(model_dir: str | os.PathLike, target: Mapping[tuple[str, ...], 
     params_dir = orbax_path(model_dir) / PARAMS_SUBDIR
     if not params_dir.is_dir():
         raise ModelDirError(f"{model_dir}: no {PARAMS_SUBDIR}/ folder (incomplete write?)")
-    checkpointer = ocp.StandardCheckpointer()
     if target is None:
-        return flatten(checkpointer.restore(params_dir))
-    return flatten(checkpointer.restore(params_dir, nest(target)))
+        # Into host memory, this process alone (no barrier with the others, as in `save_params`): process 0
+        # of `varejax merge` reads while the others wait for its exit status.
+        me = jax.process_index()
+        alone = ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}))
+        return flatten(alone.restore(params_dir))
+    return flatten(ocp.StandardCheckpointer().restore(params_dir, nest(target)))
 
 
 def apply_numerics(stored: Any, overrides: Mapping[str, Any], model_dir: str | os.PathLike) -> Any:
