@@ -15,9 +15,10 @@ for a config without adapters). `lora.safetensors` (`write_lora_factors`) holds 
 
 Exactness: "original + delta" (`apply_delta`, `varejax merge`) is the fine-tuned model bit for bit when
 every float32 difference is exact: always for LoRA and bf16 parameters; for float32 parameters, for every
-element that stayed within a factor 2 of its original value (Sterbenz), so in practice all but a few
-elements that moved near zero may differ by one float32 rounding. `write_delta` counts the elements
-that do not come back exactly (metadata "inexact_elements").
+element that stayed within a factor 2 of its original value (Sterbenz). Elements that moved further (small
+weights pushed near or across zero; more of them the larger the learning rate) can come back one float32
+rounding of their delta away. `write_delta` counts the elements that do not come back exactly (metadata
+"exact", "inexact_elements"); a float32 delta cannot be exact for them, whatever its value.
 
 Metadata (str -> str, `read_metadata`), written by `export_run`:
   format                "varejax-delta/1" (`LORA_FORMAT` for lora.safetensors)
@@ -108,8 +109,9 @@ def run_metadata(config: Any, cfg: Any, base_sha256: str) -> dict[str, str]:
     if method["erase_loss"] == "esd":
         method["esd_eta"] = t.get("esd_eta")
     if method["trainable"] == "lora":
+        targets = t.get("lora_targets") or ()
         method.update(lora_rank=t.get("lora_rank"), lora_alpha=t.get("lora_alpha"),
-                      lora_targets=list(t.get("lora_targets") or ()))
+                      lora_targets=targets if isinstance(targets, str) else list(targets))
     return {"base_params_sha256": base_sha256, "param_dtype": str(cfg.param_dtype),
             "method": json.dumps(method, default=str), "config": config.to_json(),
             "varejax": varejax.__version__}

@@ -7,7 +7,9 @@ Each DELTA is a `delta.safetensors` (`varejax-delta/1`: {upstream key: delta}, t
 `lora.safetensors` (`varejax-lora/1`: factors, turned into the same deltas by `factor_deltas`). Several
 deltas are summed in float32 in the order given, then added once: float32(param) + sum, rounded to the
 parameter dtype (`export.add_deltas`, the arithmetic of the trainer's exports, so one delta on its own base
-gives the erased model/ the run wrote, bit for bit where the delta says "exact").
+gives the erased model/ the run wrote, bit for bit where the delta says "exact"). The base is loaded in
+the deltas' "param_dtype" (the dtype their runs trained in: a bf16 run's delta is merged onto the base
+rounded to bf16, as that run saw it), which is also the merged folder's dtype.
 
 Checks, each a one-line error (exit 2) before anything is written:
   * --out exists and --overwrite is not given;
@@ -39,7 +41,7 @@ from varejax.errors import UserError
 _SHOWN = 3  # problems named in one error line
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # compared by identity (holds arrays)
 class Delta:
     """One delta file: its tensors as {upstream key: float32 delta (torch layout)} and its metadata."""
     path: str
@@ -155,9 +157,10 @@ def merge_deltas(base: str | os.PathLike, delta_paths: list[str], out: str | os.
                         f"separately")
     if dtypes:  # the base as the runs saw it (its hash and the exact round trip are in that dtype)
         overrides["param_dtype"] = dtypes[0]
-    if InfinityConfig.from_dict(meta["model"]).lora_rank:
+    stored = InfinityConfig.from_dict(meta["model"])
+    if stored.lora_rank:
         overrides["lora_rank"] = 0  # a base holding adapters is merged with them first
-    cfg = InfinityConfig.from_dict(meta["model"]).replace(**overrides)
+    cfg = stored.replace(**overrides)
     problems = key_problems(cfg, deltas)
     if problems:
         more = f" (and {len(problems) - _SHOWN} more)" if len(problems) > _SHOWN else ""
