@@ -163,6 +163,23 @@ def ablation_block() -> str:
             + f"Command: {_command(data)}. " + _source("benchmarks/results/toy_ablation.json"))
 
 
+def sweep_block() -> str:
+    """K erasure runs stacked vs one after another (benchmarks/sweep.py)."""
+    data = result("sweep")
+    rows = []
+    for row in data["rows"]:
+        seq, stk, gain = row["sequential_steps_per_s"], row["stacked_steps_per_s"], row["speedup"]
+        rows.append([str(row["runs"]), f"{seq['median']:.2f}", f"{stk['median']:.2f}",
+                     f"{gain['median']:.2f}x ({gain['min']:.2f} - {gain['max']:.2f})"])
+    header = ["runs K", "one after another (steps/s)", "stacked (steps/s)", "speedup (min - max)"]
+    load = data["load_average_before"][0], data["load_average_after"][0]
+    return (_table(header, rows) + "\n\n"
+            + f"Toy world, batch {data['batch_size']}, {data['mode']} steps; median of {data['repeats']} repeats "
+            + f"of {data['steps_per_repeat']} steps per run on {data['cpu_count']} CPU cores (load average "
+            + f"{load[0]:.1f} before, {load[1]:.1f} after). Command: {_command(data)}. "
+            + _source("benchmarks/results/sweep.json"))
+
+
 # Parity checks shown in the visible table (every other check is in the collapsed one below it).
 PARITY_HEADLINE = (
     "infinity_tiny/fp32__logits_BLV", "infinity_tiny/real__fp32__logits_BLV", "infinity_tiny/activation/head_nm",

@@ -169,6 +169,21 @@ def test_stack_batches_pads_text_and_checks_shapes():
         sk.stack_batches([batches[0], bad])
 
 
+def test_run_axis_layout():
+    """Runs go over `data` only when its size divides R; each run's rows then use `fsdp` alone."""
+    from jax.sharding import PartitionSpec as P
+
+    batch = {"gt_bits": np.zeros((3, 4, 5, 8), np.int8)}
+    even, uneven = make_mesh((3, 2, 1)), make_mesh((2, 1, 1))
+    assert sk.run_axis(even, 3) == "data" and sk.run_axis(uneven, 3) is None
+    assert sk.batch_stack_specs(batch, even, DEFAULT_RULES)["gt_bits"] == P("data", "fsdp")
+    assert sk.batch_stack_specs(batch, uneven, DEFAULT_RULES)["gt_bits"] == P(None, "data")
+    assert dict(sk.inner_rules(even, DEFAULT_RULES, 3))["act_batch"] == ("fsdp",)
+    train = {("blocks", "0", "ffn", "fc1", "kernel"): np.zeros((3, CFG.embed_dim, 128), np.float32)}
+    specs = sk.stack_specs(train, _params(), even, DEFAULT_RULES)
+    assert specs[("blocks", "0", "ffn", "fc1", "kernel")] == P("data", "fsdp")  # (embed, mlp); tensor has 1 device
+
+
 def test_init_stack_is_each_runs_initial_state():
     params = _params()
     train_stack, opt_stack = sk.init_stack(params, SCFGS)
