@@ -18,7 +18,10 @@ every float32 difference is exact: always for LoRA and bf16 parameters; for floa
 element that stayed within a factor 2 of its original value (Sterbenz). Elements that moved further (small
 weights pushed near or across zero; more of them the larger the learning rate) can come back one float32
 rounding of their delta away. `write_delta` counts the elements that do not come back exactly (metadata
-"exact", "inexact_elements"); a float32 delta cannot be exact for them, whatever its value.
+"exact", "inexact_elements"); a float32 delta cannot be exact for them, whatever its value. So `export_run`
+writes model/ as original + delta (rounded as `apply_delta` rounds): the folder that `varejax merge`
+rebuilds from the base and delta.safetensors, bit for bit, for every dtype; it is the trained model up to
+those roundings.
 
 Metadata (str -> str, `read_metadata`), written by `export_run`:
   format                "varejax-delta/1" (`LORA_FORMAT` for lora.safetensors)
@@ -132,7 +135,16 @@ def export_run(workdir: str | os.PathLike, cfg: Any, params: Any, original: Any,
     if base_sha256 is None:
         base_sha256 = params_sha256(original)
     metadata = run_metadata(config, cfg, base_sha256)
-    write_erased_model(workdir / "model", cfg, params, config, base_sha256=base_sha256)
+    served = params
+    if trainable != "lora":
+        # model/ is written as base + delta, rounded once as `apply_delta` and `varejax merge` round, so the
+        # base folder plus delta.safetensors gives model/ bit for bit for every dtype. For float32 parameters
+        # it differs from the trained tensors by one rounding where their float32 difference is not exact
+        # (metadata "inexact_elements"; LoRA exports are built this way already).
+        from varejax.parallel.distributed import to_local
+
+        served = add_deltas(cfg, to_local(original), delta_tensors(cfg, params, original, trainable))
+    write_erased_model(workdir / "model", cfg, served, config, base_sha256=base_sha256)
     write_delta(workdir / "delta.safetensors", cfg, params, original, trainable, metadata)
     if trainable == "lora":
         write_lora_factors(workdir / "lora.safetensors", cfg, params, original, metadata)
