@@ -180,6 +180,42 @@ def sweep_block() -> str:
             + _source("benchmarks/results/sweep.json"))
 
 
+def sweep_toy_block() -> str:
+    """The toy sweep's table (varejax sweep --config configs/sweep_toy.py...): mean and spread over seeds."""
+    import statistics
+
+    data = result("sweep_toy")
+    cells: dict[tuple, list[dict]] = {}
+    for row in data["rows"]:
+        grid = row["grid"]
+        key = (row["concept"], grid.get("method", ""), grid.get("learning_rate", ""))
+        cells.setdefault(key, []).append(row["metrics"])
+
+    def stat(values: list[float]) -> str:
+        if len(values) == 1:
+            return f"{values[0]:.3f}"
+        return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}"
+
+    rows = []
+    for (concept, method, lr), metrics in sorted(cells.items()):
+        rows.append([concept, method, lr, str(len(metrics))]
+                    + [stat([m[k] for m in metrics]) for k in ("erasure_rate_seen_after",
+                                                               "erasure_rate_paraphrase_after",
+                                                               "preservation_after")]
+                    + [f"{statistics.mean(m['toy_fid'] for m in metrics):.1f}",
+                       f"{metrics[0]['toy_fid_noise_floor']:.1f}"])
+    header = ["concept", "method", "lr", "seeds", "erasure (seen)", "erasure (paraphrase)", "preservation",
+              "toy FID", "noise floor"]
+    before = {r["concept"]: r["metrics"] for r in data["rows"]}
+    base = "; ".join(f"{c}: erasure {m['erasure_rate_seen_before']:.3f} (seen), "
+                     f"{m['erasure_rate_paraphrase_before']:.3f} (paraphrase), preservation "
+                     f"{m['preservation_before']:.3f}" for c, m in sorted(before.items()))
+    return (_table(header, rows) + "\n\n"
+            + f"Before erasure ({base}). {data['finished']} runs in stacks of {max(data['stacks_this_start'] or [0])}, "
+            + f"wall time {data['wall_time_s'] / 60:.1f} min on 2 CPU cores. Command: `{data['command']}`. "
+            + _source("benchmarks/results/sweep_toy.json"))
+
+
 # Parity checks shown in the visible table (every other check is in the collapsed one below it).
 PARITY_HEADLINE = (
     "infinity_tiny/fp32__logits_BLV", "infinity_tiny/real__fp32__logits_BLV", "infinity_tiny/activation/head_nm",

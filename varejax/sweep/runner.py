@@ -12,6 +12,7 @@ Workdir layout:
     runs/NAME/                  a normal erase workdir: model/, delta.safetensors, metrics.jsonl,
                                 results.json (written last: a run with results.json is finished)
     results.jsonl, results.csv  one row per finished run (name, grid labels, metrics, wall time, steps)
+    summary.json                every row, and this start's wall time and stacks
     report.md, figures/         a table per concept and erasure vs preservation with the Pareto front
 
 How runs share work: the frozen base model is loaded once; runs whose pairs and prepare settings agree
@@ -169,6 +170,7 @@ class Sweep:
         from varejax.parallel.distributed import is_main_process
         from varejax.sweep import results
 
+        start = time.time()
         done = self.finished()
         todo = [r for r in self.runs if r.name not in done]
         stack_size = int(self.config.stack_size)
@@ -191,8 +193,13 @@ class Sweep:
                     results.record_run(self.workdir, row)
                     results.write_tables(self.workdir, results.read_rows(self.workdir), planned=len(self.runs))
         rows = results.read_rows(self.workdir) if (self.workdir / "results.jsonl").exists() else []
-        if is_main_process() and rows and not stacks:
-            results.write_tables(self.workdir, rows, planned=len(self.runs))
+        if is_main_process():
+            if rows and not stacks:
+                results.write_tables(self.workdir, rows, planned=len(self.runs))
+            summary = {"command": self.command, "planned": len(self.runs), "finished": len(rows),
+                       "ran_this_start": len(todo), "stacks_this_start": [len(s) for s in stacks],
+                       "wall_time_s": round(time.time() - start, 1), "rows": rows}
+            write_text_atomic(self.workdir / "summary.json", json.dumps(summary, indent=1) + "\n")
         return rows
 
     def _train_and_evaluate(self, stack: Sequence[Run], config_dir: str | None):
