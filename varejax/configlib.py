@@ -15,6 +15,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import ml_collections
 
@@ -148,24 +149,35 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str] 
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw
-        node = config
-        parts = key.split(".")[1:]
-        for depth, part in enumerate(parts):
-            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                where = ".".join(["config", *parts[:depth + 1]])
-                raise ConfigError(f"{key}: no such field in {source} ({where} does not exist)")
-            if depth < len(parts) - 1:
-                node = node[part]
-        current = node[parts[-1]]
-        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if isinstance(current, tuple) and isinstance(value, list):
-            value = tuple(value)
-        try:
-            node[parts[-1]] = value
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"{key}={raw}: {err}") from None
+        set_field(config, key[len("config."):], value, f"{key}: no such field in {source}", raw)
     return config
+
+
+def set_field(config: ml_collections.ConfigDict, field: str, value: Any, where: str, raw: str | None = None) -> None:
+    """Sets the dotted `field` ("train.learning_rate") of `config` to `value`.
+
+    A float field given an integer gets the float, a tuple field given a list gets the tuple.
+
+    Raises:
+      ConfigError: the field does not exist (message `where` + the first missing part) or its type refuses
+        the value.
+    """
+    node = config
+    parts = field.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise ConfigError(f"{where} ({'.'.join(['config', *parts[:depth + 1]])} does not exist)")
+        if depth < len(parts) - 1:
+            node = node[part]
+    current = node[parts[-1]]
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    try:
+        node[parts[-1]] = value
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config.{field}={raw if raw is not None else repr(value)}: {err}") from None
 
 
 def resolved_json(config: ml_collections.ConfigDict) -> str:

@@ -70,18 +70,9 @@ def run(args: argparse.Namespace) -> int:
     --out (one writer for a shared folder); the others wait for its exit status and return the same one, so
     every process ends together and a failure on process 0 fails them all.
     """
-    import jax
+    from varejax.parallel.distributed import run_on_main
 
-    if jax.process_count() == 1:
-        return _run_here(args)
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    status = _run_here(args) if jax.process_index() == 0 else 0
-    status = int(multihost_utils.broadcast_one_to_all(np.int32(status)))
-    if jax.process_index() != 0:
-        print(f"process {jax.process_index()}: convert ran on process 0 (status {status})", file=sys.stderr)
-    return status
+    return run_on_main(lambda: _run_here(args), "convert")
 
 
 def _run_here(args: argparse.Namespace) -> int:

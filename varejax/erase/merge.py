@@ -201,19 +201,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     """Runs `varejax merge`; on several processes process 0 alone works and every process returns its status."""
-    import jax
+    from varejax.parallel.distributed import run_on_main
 
     if overrides:
         raise UserError("merge takes no --config.* overrides")
-    if jax.process_count() == 1:
-        return _merge_here(args)
-    from jax.experimental import multihost_utils
-
-    status = _merge_here(args) if jax.process_index() == 0 else 0
-    status = int(multihost_utils.broadcast_one_to_all(np.int32(status)))
-    if jax.process_index() != 0:
-        print(f"process {jax.process_index()}: merge ran on process 0 (status {status})", file=sys.stderr)
-    return status
+    return run_on_main(lambda: _merge_here(args), "merge")
 
 
 def _merge_here(args: argparse.Namespace) -> int:

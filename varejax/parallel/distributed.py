@@ -36,6 +36,7 @@ import dataclasses
 import glob
 import os
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -329,3 +330,23 @@ def to_local(tree: Any) -> Any:
         return x
 
     return jax.tree.map(local, tree)
+
+
+def run_on_main(work: Callable[[], int], what: str) -> int:
+    """Runs `work` (returning an exit status) on process 0 alone; every process returns its status.
+
+    For commands with one writer and no collectives (convert, merge): the others wait for process 0's
+    status, so every process ends together and a failure on process 0 fails them all.
+    """
+    if jax.process_count() == 1:
+        return work()
+    import sys
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    status = work() if jax.process_index() == 0 else 0
+    status = int(multihost_utils.broadcast_one_to_all(np.int32(status)))
+    if jax.process_index() != 0:
+        print(f"process {jax.process_index()}: {what} ran on process 0 (status {status})", file=sys.stderr)
+    return status

@@ -24,6 +24,7 @@ from typing import Any
 
 import ml_collections
 
+from varejax.configlib import set_field
 from varejax.errors import ConfigError
 
 
@@ -57,26 +58,6 @@ def axis_short_name(axis: str) -> str:
     return axis.rsplit(".", 1)[-1]
 
 
-def _set_field(config: ml_collections.ConfigDict, field: str, value: Any, run: str) -> None:
-    node = config
-    parts = field.split(".")
-    for depth, part in enumerate(parts):
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            raise ConfigError(f"sweep grid: run {run!r} sets {field}, but the base config has no "
-                              f"{'.'.join(parts[:depth + 1])}")
-        if depth < len(parts) - 1:
-            node = node[part]
-    current = node[parts[-1]]
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if isinstance(current, tuple) and isinstance(value, list):
-        value = tuple(value)
-    try:
-        node[parts[-1]] = value
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"sweep grid: {field}={value!r}: {err}") from None
-
-
 def _axes(grid: Sequence[Any]) -> list[tuple[str, tuple[Any, ...]]]:
     axes = []
     for entry in grid:
@@ -104,7 +85,8 @@ def expand(base: ml_collections.ConfigDict, grid: Sequence[Any]) -> list[Run]:
             fields = value if isinstance(value, Mapping) else {axis: value}
             for field, field_value in fields.items():
                 if field != "name":
-                    _set_field(config, field, field_value, name)
+                    set_field(config, field, field_value, f"sweep grid: run {name!r} sets {field}, but the base "
+                                                          f"config has no such field")
         if name in seen:
             raise ConfigError(f"sweep grid: two grid points are both named {name!r} ({seen[name]} and {point}); "
                               f"give dict values distinct 'name's")
