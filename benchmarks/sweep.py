@@ -2,6 +2,7 @@
 
     python benchmarks/sweep.py                                   # toy world, K = 1, 2, 4, 8
     python benchmarks/sweep.py --runs 8 --steps 10 --repeats 5
+    python benchmarks/sweep.py --runs 8 --config.train.batch_size=2 --out /tmp/sweep_b2.json   # any config field
 
 The toy world's model and its real VARE trajectories (the main job's "circle" pairs, sampled once into
 `--workdir/trajectories`), the toy erase config's training settings (batch 8, condition dropout, float32).
@@ -141,13 +142,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", type=int, default=16, help="trajectories to sample and train on")
     parser.add_argument("--mode", default="alternating", choices=("alternating", "summed", "erase_only"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sweep.json"))
-    args = parser.parse_args(argv)
+    from varejax.configlib import load_config, parse_args
+
+    args, overrides = parse_args(parser, argv)
 
     import jax
 
-    from varejax.configlib import load_config
-
-    config = load_config(args.config)
+    config = load_config(args.config, overrides)
     workdir = Path(args.workdir)
     load_before = _load()
     start = time.time()
