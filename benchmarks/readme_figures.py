@@ -268,6 +268,8 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "toy_main": main_job_block,
     "toy_configs": configs_block,
     "toy_ablation": ablation_block,
+    "sweep": sweep_block,
+    "sweep_toy": sweep_toy_block,
 }
 
 

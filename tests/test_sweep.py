@@ -181,3 +181,41 @@ def test_the_infinity_sweep_config_runs_on_the_tiny_converted_model(tiny_model_d
     church, van_gogh = _deltas(tmp_path, "concept=church"), _deltas(tmp_path, "concept=van_gogh")
     assert max(float(np.abs(church[k] - van_gogh[k]).max()) for k in church) > 0  # each run its own pairs
     assert len(list((tmp_path / "shared" / "trajectories").iterdir())) == 2
+
+
+@pytest.mark.slow
+def test_two_processes_sweep_like_one(stacked, tmp_path):
+    """The same sweep under `launch/local.sh 2` (mesh (2, 1, 1): the stack's run axis split over the two
+    processes, one run each) gives the one-process table: the same erasure rates and preservation, deltas
+    equal up to float32 rounding, and the rows written once, by process 0."""
+    import shlex
+    import subprocess
+    import sys
+
+    reference, rows = stacked
+    overrides = [*SMALL, f"config.grid=(('concept', {CIRCLE}), ('seed', (0, 1)))", "config.stack_size=2",
+                 "config.base.mesh.shape=(2, 1, 1)"]
+    command = shlex.join([sys.executable, "-m", "varejax", "sweep", "--config", CONFIG + ":ci", "--workdir",
+                          str(tmp_path), *(f"--{o}" for o in overrides)])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0",
+               JAX_COMPILATION_CACHE_DIR=os.environ.get("VAREJAX_JAX_CACHE", str(REPO / ".jax_cache")),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    out = subprocess.run(["bash", str(REPO / "launch" / "local.sh"), "2", command], cwd=REPO, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
+    assert out.returncode == 0, out.stdout[-6000:]
+    assert "[1] 2 runs finished" not in out.stdout and "[0] 2 runs finished" in out.stdout
+    two = {r["name"]: r for r in (json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines())}
+    one = {r["name"]: r for r in rows}
+    assert two.keys() == one.keys()
+    for name, row in one.items():
+        for key in ("erasure_rate_seen_before", "erasure_rate_seen_after", "erasure_rate_paraphrase_after",
+                    "preservation_before", "preservation_after", "prompt_following"):
+            assert two[name]["metrics"][key] == row["metrics"][key], (name, key)
+        a, b = _deltas(reference, name), _deltas(tmp_path, name)
+        largest = max(float(np.abs(v).max()) for v in a.values())
+        diff = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+        print(f"{name}: 2 processes vs 1, max |delta difference| {diff:.3g} (largest {largest:.3g}); toy FID "
+              f"{two[name]['metrics']['toy_fid']:.2f} vs {row['metrics']['toy_fid']:.2f}")
+        measured.check("sweep/toy_2proc_vs_1proc_delta_max_abs", diff, 0.01 * largest,
+                       "max |delta(sweep on 2 processes) - delta(1 process)|, toy, stack of 2, 4 steps")

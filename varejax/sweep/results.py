@@ -12,8 +12,8 @@ writes, in `sweep_dir`:
 * `results.csv`: one line per run: name, concept, stack, every grid field (its own column), every metric, wall
   time, steps (and error, when a run failed).
 * `report.md` and `figures/pareto.png`: a table per concept and erasure vs preservation, one panel per
-  concept, one colour and marker per method (`train.erase_loss`), each concept's Pareto front ringed, joined
-  and named.
+  concept, one colour and marker per method (the grid's `method` or erase-loss label), each concept's
+  Pareto front ringed, joined and named.
 
 Pure functions of the rows; only process 0 should call the writers (the caller's business).
 """
@@ -37,7 +37,8 @@ RESULTS_CSV = "results.csv"
 REPORT_MD = "report.md"
 PARETO_PNG = "figures/pareto.png"
 # The grid field that names the method: the plot gives each of its values a colour and a marker.
-METHOD_FIELD = "train.erase_loss"
+# The grid label that names the method (a "method" axis of dicts, or an erase-loss axis), first found wins.
+METHOD_FIELDS = ("method", "erase_loss", "train.erase_loss")
 # Metrics shown in report.md's tables when a row has them (results.csv has every metric).
 TABLE_METRICS = ("erasure_rate_seen_after", "erasure_rate_paraphrase_after", "preservation_after", "toy_fid")
 
@@ -223,12 +224,12 @@ def write_tables(sweep_dir: PathLike, rows: Sequence[Mapping[str, Any]], *, plan
         fronts[concept] = [plotted[i] for i in pareto_front(points)]
     if any(fronts.values()):
         xy = lambda r: (_metric(r, erasure_metric), _metric(r, preservation_metric))
-        by_method = any(METHOD_FIELD in (r.get("grid") or {}) for r in rows)
+        method = next((f for f in METHOD_FIELDS if any(f in (r.get("grid") or {}) for r in rows)), None)
         panels = {}
         for concept, members in concepts.items():
             panels[concept] = {}
             for row in members:
-                series = str((row.get("grid") or {}).get(METHOD_FIELD)) if by_method else concept
+                series = str((row.get("grid") or {}).get(method)) if method else concept
                 if None not in xy(row):
                     panels[concept].setdefault(series, []).append(xy(row))
         (sweep_dir / PARETO_PNG).parent.mkdir(parents=True, exist_ok=True)
