@@ -1,8 +1,10 @@
 """Throughput of K erasure runs trained as one stack vs the same K runs one after another.
 
-    python benchmarks/sweep.py                                   # toy world, K = 1, 2, 4, 8
+    python benchmarks/sweep.py
     python benchmarks/sweep.py --runs 8 --steps 10 --repeats 5
-    python benchmarks/sweep.py --runs 8 --config.train.batch_size=2 --out /tmp/sweep_b2.json   # any config field
+    python benchmarks/sweep.py --runs 8 --config.train.batch_size=2 --out /tmp/sweep_b2.json
+
+(the first: the toy world, K = 1, 2, 4, 8; `--config.x=y` sets any field of the toy erase config).
 
 The toy world's model and its real VARE trajectories (the main job's "circle" pairs, sampled once into
 `--workdir/trajectories`), the toy erase config's training settings (batch 8, condition dropout, float32).
@@ -134,7 +136,7 @@ def measure(config, cfg, params, schedule, files, text_len, runs: int, steps: in
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(REPO / "configs" / "toy_circle.py"), help="a toy erase config")
+    parser.add_argument("--config", default="configs/toy_circle.py", help="a toy erase config (relative: to the repo)")
     parser.add_argument("--workdir", default="/tmp/varejax_sweep_benchmark", help="trajectories are kept here")
     parser.add_argument("--runs", default="1,2,4,8", help="comma-separated K")
     parser.add_argument("--steps", type=int, default=5, help="steps of each run per timed repeat")
@@ -148,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import jax
 
-    config = load_config(args.config, overrides)
+    spec = args.config if os.path.exists(args.config.partition(":")[0]) else str(REPO / args.config)
+    config = load_config(spec, overrides)
     workdir = Path(args.workdir)
     load_before = _load()
     start = time.time()
