@@ -186,8 +186,10 @@ def test_the_infinity_sweep_config_runs_on_the_tiny_converted_model(tiny_model_d
 @pytest.mark.slow
 def test_two_processes_sweep_like_one(stacked, tmp_path):
     """The same sweep under `launch/local.sh 2` (mesh (2, 1, 1): the stack's run axis split over the two
-    processes, one run each) gives the one-process table: the same erasure rates and preservation, deltas
-    equal up to float32 rounding, and the rows written once, by process 0."""
+    processes, one run each) gives the one-process table: the same erasure rates, preservation, prompt
+    following and toy-FID noise floor (the base model's images are sampled before any training, as in the
+    toy job), deltas equal up to float32 rounding (the erased models' toy FID moves with them), and the rows
+    written once, by process 0."""
     import shlex
     import subprocess
     import sys
@@ -210,7 +212,7 @@ def test_two_processes_sweep_like_one(stacked, tmp_path):
     assert two.keys() == one.keys()
     for name, row in one.items():
         for key in ("erasure_rate_seen_before", "erasure_rate_seen_after", "erasure_rate_paraphrase_after",
-                    "preservation_before", "preservation_after", "prompt_following"):
+                    "preservation_before", "preservation_after", "prompt_following", "toy_fid_noise_floor"):
             assert two[name]["metrics"][key] == row["metrics"][key], (name, key)
         a, b = _deltas(reference, name), _deltas(tmp_path, name)
         largest = max(float(np.abs(v).max()) for v in a.values())

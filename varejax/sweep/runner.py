@@ -185,6 +185,9 @@ class Sweep:
             if verbose:
                 print(f"sweep: {len(self.runs)} runs, {len(done)} finished, {len(todo)} to run in "
                       f"{len(stacks)} stack{'s' if len(stacks) != 1 else ''} (stack size {stack_size})", flush=True)
+        if self.toy:  # the base model's images first, as the toy job does: their prompts' text features are
+            for run in todo:  # then encoded (and cached) outside any training mesh, alike on 1 or N processes
+                self._bench(run.config)
         for number, stack in enumerate(stacks):
             if verbose and is_main_process():
                 print(f"stack {number + 1}/{len(stacks)}: {', '.join(r.name for r in stack)}", flush=True)
