@@ -342,7 +342,7 @@ def train(config: Any, run: ErasureSetup, files: list[Path], scfg: SvareConfig) 
                 params, opt_state, metrics = step_fn(params, opt_state, batch, jax.random.fold_in(base_key, step),
                                                      cfg=train_cfg, schedule=run.schedule, scfg=scfg)
             metrics = jax.device_get(metrics)
-            _check_finite(metrics, step, checkpoints)
+            check_finite(metrics, step, checkpoints)
             metrics_log.write(step + 1, metrics)
             progress.set_postfix(erase=f"{float(metrics['loss_erase']):.4f}",
                                  kept=f"{float(metrics.get('kept_fraction', float('nan'))):.2f}")
@@ -377,13 +377,14 @@ def _resume(checkpoints: Checkpoints, metrics_log: MetricsLog, params: Any, opt_
     return params, opt_state, latest
 
 
-def _check_finite(metrics: dict[str, Any], step: int, checkpoints: Checkpoints) -> None:
+def check_finite(metrics: dict[str, Any], step: int, checkpoints: Checkpoints, run: str = "") -> None:
+    """Raises NonFiniteLossError naming the step (and `run`, in a stack) when a loss is NaN or inf."""
     bad = [k for k in ("loss_erase", "loss_pre", "loss_total") if k in metrics
            and not math.isfinite(float(metrics[k]))]
     if bad:
         raise NonFiniteLossError(
-            f"step {step + 1}: {bad[0]} = {float(metrics[bad[0]])}; stopping. The last good checkpoint "
-            f"(step {checkpoints.latest_step()}) is kept in {checkpoints.directory}; lower "
+            f"{f'run {run}, ' if run else ''}step {step + 1}: {bad[0]} = {float(metrics[bad[0]])}; stopping. The "
+            f"last good checkpoint (step {checkpoints.latest_step()}) is kept in {checkpoints.directory}; lower "
             f"config.train.learning_rate or check the inputs")
 
 

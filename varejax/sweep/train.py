@@ -9,7 +9,6 @@ where it stopped. A non-finite loss in any run stops the stack (the last good ch
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,7 +42,7 @@ def train_stack(configs: Sequence[Any], setups: Sequence[Any], files: Sequence[S
     from varejax.erase import optim
     from varejax.erase.checkpoints import Checkpoints
     from varejax.erase.data import TrajectoryBatches, text_length
-    from varejax.erase.trainer import UPDATES, MetricsLog, NonFiniteLossError, svare_config
+    from varejax.erase.trainer import UPDATES, MetricsLog, check_finite, svare_config
     from varejax.parallel import sharding_context
     from varejax.parallel.distributed import is_main_process
     from varejax.sweep import stack
@@ -86,13 +85,7 @@ def train_stack(configs: Sequence[Any], setups: Sequence[Any], files: Sequence[S
             metrics = jax.device_get(metrics)
             for r, log in enumerate(logs):
                 values = stack.run_metrics(metrics, r)
-                bad = [k for k in ("loss_erase", "loss_pre", "loss_total") if k in values
-                       and not math.isfinite(float(values[k]))]
-                if bad:
-                    raise NonFiniteLossError(
-                        f"run {setups[r].workdir.name}, step {step + 1}: {bad[0]} = {float(values[bad[0]])}; the "
-                        f"stack stops (last good checkpoint: step {checkpoints.latest_step()} in "
-                        f"{checkpoints.directory}); lower this run's learning rate or train it alone")
+                check_finite(values, step, checkpoints, run=setups[r].workdir.name)  # the whole stack stops
                 log.write(step + 1, values)
             progress.set_postfix(erase=f"{float(np.mean(metrics['loss_erase'])):.4f}")
             done = step + 1
