@@ -223,15 +223,22 @@ def test_a_lost_process_stops_the_other_within_a_minute(tmp_path):
     assert "Task 1" in log, log[-3000:]
 
 
-def test_two_processes_sample_like_one(tmp_path):
-    """`varejax sample` (the embedded toy world) on two processes: every process samples every batch, process
-    0 alone writes; the images, records and grid are those of one process, byte for byte."""
-    cmd = f"{sys.executable} -m varejax.cli sample --config.batch_size=4 --workdir"
+def _one_then_two(cmd: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`cmd tmp_path/one` in one process, then `cmd tmp_path/two` on two (launch/local.sh); both must
+    succeed. Returns the two-process run."""
     single = subprocess.run(f"{cmd} {tmp_path / 'one'}", shell=True, cwd=REPO, env=_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
     assert single.returncode == 0, single.stdout[-3000:]
     out = _launch(2, f"{cmd} {tmp_path / 'two'}", 300)
     assert out.returncode == 0, out.stdout[-3000:]
+    return out
+
+
+def test_two_processes_sample_like_one(tmp_path):
+    """`varejax sample` (the embedded toy world) on two processes: every process samples every batch, process
+    0 alone writes; the images, records and grid are those of one process, byte for byte."""
+    cmd = f"{sys.executable} -m varejax.cli sample --config.batch_size=4 --workdir"
+    _one_then_two(cmd, tmp_path)
     one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*")
                  if p.is_file() and "text_cache" not in p.parts)
     two = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*")
@@ -249,11 +256,7 @@ def test_two_processes_convert_like_one(tmp_path):
     folder = fixtures.first_infinity_folder()
     src, arch = fixtures.checkpoint_file(folder, "vae"), folder / "config.json"
     cmd = f"{sys.executable} -m varejax.cli convert vae --src {src} --arch {arch} --out"
-    single = subprocess.run(f"{cmd} {tmp_path / 'one'}", shell=True, cwd=REPO, env=_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
-    assert single.returncode == 0, single.stdout[-3000:]
-    out = _launch(2, f"{cmd} {tmp_path / 'two'}", 300)
-    assert out.returncode == 0, out.stdout[-3000:]
+    out = _one_then_two(cmd, tmp_path)
     assert "[1] process 1: convert ran on process 0 (status 0)" in out.stdout
     # orbax names its data files at random, so the folders are compared by content: config.json but its
     # time of creation, every array bit for bit, and no temporary file left behind.
