@@ -1,0 +1,26 @@
+"""Object erasure ("church") on Infinity-2B: church prompts, classified zero-shot by CLIP, plus CLIP score.
+
+    varejax eval --config configs/eval_church.py --workdir runs/eval_church_base
+    varejax eval --config configs/eval_church.py --workdir runs/eval_church_svare \
+        --config.model.infinity=runs/church/model
+
+Prompt file: configs/prompts/church.csv. Erasure rate: the share of images CLIP does not classify as a
+church (scorer "clip_zero_shot"); prompt alignment: "clip_score".
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from varejax.eval.run import base_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = base_config("object/church", os.path.join(HERE, "prompts", "church.csv"),
+                         {"clip_zero_shot": {}, "clip_score": {}},  # options: see varejax/eval/clip_metrics.py
+                         arch=arg or "2b")
+    return config.lock()

@@ -1,0 +1,576 @@
+"""The `varejax eval` stage: sample a task's prompts, score the images, write results.json and a report.
+
+    varejax eval --config configs/eval_toy.py --workdir runs/eval_toy
+    varejax eval --config configs/eval_church.py --workdir runs/eval_church_erased \
+        --config.model.delta="('runs/church/delta.safetensors',)"
+
+Steps (`run_eval`):
+
+1. the prompt file's rows (CSV / JSONL in the ESD / UCE / MACE layout: `case_number, prompt, evaluation_seed,
+   ...`), `config.prompts.limit` of them; each row gives `images_per_prompt` images, seeds
+   evaluation_seed + k;
+2. images with `varejax.sample.pipeline.run_sampling` (images/NNNNN.png + a JSON record each, batched
+   over the mesh's devices; on several processes every process samples, process 0 writes). Images already
+   written are kept: a resumed run samples only the missing ones, and refuses a workdir whose records were
+   made for other prompts or seeds;
+3. every scorer of `config.eval.scorers` (`varejax.eval.scorers`) on the images, in batches: per-image
+   values in scores/<scorer>.npz, extended batch by batch (a resumed run scores only images not yet scored;
+   a scorer whose settings changed starts over);
+4. each scorer's summary of every image; results.json (the summaries and every setting: model folders and
+   hashes, deltas, sampling, the prompt file and its sha256, scorer settings, seeds, command line,
+   versions) and report.md / report.html (tables, an image grid with its prompts, a bar chart per scorer).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import html
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from varejax.errors import UserError
+from varejax.paths import as_path, write_text_atomic
+
+RESULTS_FILE = "results.json"
+RESULTS_FORMAT = "varejax-eval/1"
+
+
+# ---- config ------------------------------------------------------------------------------------------
+
+def base_config(task: str, prompt_file: str, scorers: Mapping[str, Mapping[str, Any]], *,
+                model: Mapping[str, str] | None = None, arch: str = "2b"):
+    """The config of an eval task (what configs/eval_*.py start from).
+
+    Args:
+      task: the task's name (results of one task compare with each other).
+      prompt_file: its prompt file (CSV or JSONL).
+      scorers: scorer name -> its options (`config.eval.options.<name>`).
+      model: infinity / vae / t5 folders (default: models/infinity_2b, models/vae_d32, models/flan_t5_xl).
+      arch: sampling defaults of `varejax.sample.defaults` ("2b", "8b", "toy").
+    """
+    import ml_collections
+
+    from varejax.sample.defaults import base_config as sample_config
+
+    sample = sample_config(arch)
+    config = ml_collections.ConfigDict()
+    config.task = task
+    config.model = sample.model
+    config.model.infinity, config.model.vae, config.model.t5 = (
+        (model or {}).get("infinity", "models/infinity_2b"), (model or {}).get("vae", "models/vae_d32"),
+        (model or {}).get("t5", "models/flan_t5_xl"))
+    # An erased model: delta.safetensors / lora.safetensors files of `varejax erase` added to model.infinity
+    # (or point model.infinity at a run's model/ folder or a `varejax merge` output instead).
+    config.model.delta = ()
+    config.model.force_delta = False   # apply deltas whose recorded base is another model
+    config.prompts = ml_collections.ConfigDict()
+    config.prompts.file = prompt_file
+    config.prompts.limit = 0           # the first N rows only (0 = all)
+    config.prompts.required_columns = ()  # columns the task needs besides prompt (checked before sampling)
+    config.prompts.seed = 0            # seed of rows without evaluation_seed: seed + row number
+    config.images_per_prompt = 1
+    config.negative_prompt = sample.negative_prompt
+    config.h_div_w = sample.h_div_w
+    config.pn = sample.pn
+    config.schedule = ()               # explicit (scale, h, w) schedule; () = from h_div_w and pn
+    config.batch_size = 8              # images per sampling step (a multiple of the mesh's data axis)
+    config.sampling = sample.sampling
+    config.text_cache_dir = ""
+    config.numerics = sample.numerics
+    config.mesh = sample.mesh
+    config.eval = ml_collections.ConfigDict()
+    config.eval.scorers = tuple(scorers)
+    config.eval.options = ml_collections.ConfigDict({name: dict(options) for name, options in scorers.items()})
+    config.eval.plugins = ()           # modules to import that register more scorers
+    config.eval.batch_size = 32        # images per scoring call
+    config.report = ml_collections.ConfigDict()
+    config.report.grid_images = 16     # images shown in the report's grid
+    config.report.columns = 8
+    return config
+
+
+# ---- prompt rows -------------------------------------------------------------------------------------
+
+def read_rows(path: str, limit: int = 0, required: Sequence[str] = (), default_seed: int = 0) -> list[dict]:
+    """The rows of a prompt file as dicts with `prompt`, `seed` (int), `case_number` and the file's other columns.
+
+    Uses `varejax.data.sources.read_prompt_rows` when it exists; otherwise reads CSV (and JSONL) itself.
+    Raises a one-line UserError naming the file for a missing file, a missing column or a bad seed.
+    """
+    if not path:
+        raise UserError("config.prompts.file is empty: give the task's prompt file (CSV or JSONL)")
+    if not as_path(path).exists():
+        raise UserError(f"prompt file {path} not found")
+    try:
+        from varejax.data.sources import read_prompt_rows
+    except ImportError:
+        read_prompt_rows = None
+    rows = [dict(r) for r in read_prompt_rows(path)] if read_prompt_rows is not None else _read_table(path)
+    if not rows:
+        raise UserError(f"prompt file {path} has no rows")
+    missing = [c for c in ("prompt", *required) if c not in rows[0]]
+    if missing:
+        raise UserError(f"prompt file {path} has no column {missing[0]!r} (columns: {', '.join(rows[0])})")
+    if limit:
+        rows = rows[:int(limit)]
+    out = []
+    for i, row in enumerate(rows):
+        seed = row.get("seed", row.get("evaluation_seed"))
+        try:
+            seed = int(default_seed) + i if seed is None or str(seed).strip() == "" else int(float(seed))
+        except ValueError:
+            raise UserError(f"prompt file {path}, row {i + 1}: seed {seed!r} is not a number") from None
+        case = row.get("case_number")
+        out.append({**row, "prompt": str(row["prompt"]), "seed": seed,
+                    "case_number": i if case is None or str(case).strip() == "" else case})
+    return out
+
+
+def _read_table(path: str) -> list[dict]:
+    """A CSV (or, by extension, JSONL) file as a list of dicts (the stand-in for varejax.data.sources)."""
+    text = as_path(path).read_text()
+    if str(path).endswith((".jsonl", ".json")):
+        try:
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as err:
+            raise UserError(f"prompt file {path}: not JSON lines ({err})") from None
+    return list(csv.DictReader(text.splitlines()))
+
+
+def image_rows(rows: Sequence[Mapping[str, Any]], images_per_prompt: int) -> list[dict]:
+    """One row per image (row-major: row r's image k is index r * images_per_prompt + k, seed row seed + k)."""
+    out = []
+    for row in rows:
+        for k in range(int(images_per_prompt)):
+            out.append({**row, "seed": int(row["seed"]) + k, "image_index": len(out)})
+    return out
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    return hashlib.sha256(as_path(path).read_bytes()).hexdigest()
+
+
+# ---- sampling ----------------------------------------------------------------------------------------
+
+def _check_model_dirs(config) -> None:
+    for name in ("infinity", "vae", "t5"):
+        folder = config.model[name]
+        if not folder:
+            raise UserError(f"config.model.{name} is empty: give the converted model folder")
+        if not (as_path(folder) / "config.json").exists():
+            raise UserError(f"config.model.{name}: model folder {folder} not found (or it has no config.json)")
+    for delta in config.model.delta:
+        if not as_path(delta).exists():
+            raise UserError(f"config.model.delta: {delta} not found")
+
+
+def _existing_records(workdir, plan: Sequence[tuple[str, int]]) -> list[int]:
+    """Indices of images already written; a record for another prompt or seed is a UserError."""
+    done = []
+    for i, (prompt, seed) in enumerate(plan):
+        path = workdir / "images" / f"{i:05d}.json"
+        if not path.exists():
+            continue
+        record = json.loads(path.read_text())
+        if record.get("prompt") != prompt or int(record.get("seed", -1)) != int(seed):
+            raise UserError(f"{path} is for prompt {record.get('prompt')!r} seed {record.get('seed')}, the prompt "
+                            f"file now asks for {prompt!r} seed {seed}: use a fresh --workdir")
+        done.append(i)
+    return done
+
+
+def load_pipeline(config, workdir):
+    """The sampling pipeline of `config.model` (on the config's mesh), with `config.model.delta` applied."""
+    import dataclasses
+
+    from varejax.configlib import rules_tuple
+    from varejax.parallel import check_mesh_spans_processes, make_mesh
+    from varejax.parallel.distributed import announce
+    from varejax.sample.pipeline import Pipeline
+
+    mesh = make_mesh(tuple(config.mesh.shape))
+    check_mesh_spans_processes(mesh)
+    announce(mesh)
+    pipeline = Pipeline.from_dirs(config.model.infinity, config.model.vae, config.model.t5,
+                                  text_cache_dir=config.text_cache_dir or str(as_path(workdir) / "text_cache"),
+                                  min_vocab=config.model.min_vocab, mesh=mesh, rules=rules_tuple(config.mesh.rules),
+                                  **dict(config.numerics))
+    if not config.model.delta:
+        return pipeline
+    params, record = apply_deltas(pipeline.infinity_cfg, pipeline.infinity_params, list(config.model.delta),
+                                  force=bool(config.model.force_delta), base=config.model.infinity)
+    hashes = {**pipeline.hashes, "delta": hashlib.sha256("".join(d["file_sha256"] for d in record).encode())
+              .hexdigest()[:16]}
+    return dataclasses.replace(pipeline, infinity_params=params, hashes=hashes)
+
+
+def apply_deltas(cfg, params, paths: list[str], *, force: bool = False, base: str = "the base"):
+    """`params` + the summed deltas of `varejax erase` exports (the arithmetic of `varejax merge`); returns
+    (params, a record per delta). A delta made on another base is a UserError unless `force`."""
+    from varejax.erase.export import add_deltas, params_sha256
+    from varejax.erase.merge import key_problems, read_delta, summed
+
+    deltas = [read_delta(p) for p in paths]
+    problems = key_problems(cfg, deltas)
+    if problems:
+        raise UserError(f"config.model.delta does not fit {base}: {problems[0]}")
+    base_hash = params_sha256(params)
+    for d in deltas:
+        if d.base_sha256 != base_hash and not force:
+            raise UserError(f"{d.path} was made on base {d.base_sha256}, but {base} is {base_hash}; set "
+                            f"config.model.force_delta=True to apply it anyway")
+    return add_deltas(cfg, params, summed(deltas), "config.model.delta"), [d.record(d.base_sha256 != base_hash)
+                                                                          for d in deltas]
+
+
+def _schedule(config):
+    if config.schedule:
+        return tuple(tuple(int(v) for v in s) for s in config.schedule)  # hashable: a static argument
+    from varejax.models import schedules
+
+    return schedules.get_schedule(config.h_div_w, config.pn)
+
+
+def sample_images(config, workdir, plan: Sequence[tuple[str, int]]) -> int:
+    """Samples the images of `plan` not yet in WORKDIR/images; returns how many were sampled."""
+    from varejax.parallel.distributed import is_main_process, sync
+    from varejax.sample.pipeline import run_sampling
+
+    done = _existing_records(workdir, plan) if is_main_process() else []
+    todo = len(plan) - len(done)
+    if _broadcast_int(todo) == 0:
+        return 0
+    pipeline = load_pipeline(config, workdir)
+    run_sampling(config, workdir, pipeline, _schedule(config), plan=plan)
+    sync("varejax:eval_sampled")
+    return todo
+
+
+def _broadcast_int(value: int) -> int:
+    import jax
+
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+# ---- scoring -----------------------------------------------------------------------------------------
+
+def _settings_key(settings: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def score_images(scorer, images_dir, rows: Sequence[Mapping[str, Any]], out_file, batch_size: int
+                 ) -> tuple[dict[str, np.ndarray], int]:
+    """Per-image values of every image (index order), scoring only those not yet in `out_file` (npz: the values,
+    `_index` and `_settings`), saved after each batch. Returns (values, how many were scored now)."""
+    from varejax.eval.scorers import check_images
+    from varejax.paths import load_npz, save_npz
+
+    key = _settings_key(scorer.settings())
+    stored: dict[str, np.ndarray] = {}
+    if as_path(out_file).exists():
+        stored = load_npz(out_file)
+        if str(stored.get("_settings", "")) != key:  # other settings: the stored values are not these
+            stored = {}
+    have = set(int(i) for i in stored.get("_index", []))
+    todo = [i for i in range(len(rows)) if i not in have]
+    scored_now = 0
+    for start in range(0, len(todo), max(1, int(batch_size))):
+        chunk = todo[start:start + int(batch_size)]
+        images = _load_images(images_dir, chunk)
+        images = check_images(images, f"{images_dir}")
+        values = scorer.score(images, [rows[i] for i in chunk])
+        for name, array in values.items():
+            array = np.asarray(array)
+            if len(array) != len(chunk):
+                raise ValueError(f"scorer {scorer.name}: {name} has {len(array)} values for {len(chunk)} images")
+            stored[name] = np.concatenate([stored[name], array]) if name in stored else array
+        stored["_index"] = np.concatenate([stored.get("_index", np.zeros(0, np.int64)), np.asarray(chunk, np.int64)])
+        stored["_settings"] = np.asarray(key)
+        save_npz(out_file, **stored)
+        scored_now += len(chunk)
+    order = np.argsort(stored["_index"], kind="stable")
+    return {k: np.asarray(v)[order] for k, v in stored.items() if not k.startswith("_")}, scored_now
+
+
+def _load_images(images_dir, indices: Sequence[int]) -> np.ndarray:
+    from varejax import images as image_io
+
+    images = [image_io.load_uint8(as_path(images_dir) / f"{i:05d}.png") for i in indices]
+    sizes = {im.shape for im in images}
+    if len(sizes) > 1:
+        raise UserError(f"{images_dir}: images of different sizes {sorted(sizes)}")
+    return np.stack(images)
+
+
+# ---- the stage ---------------------------------------------------------------------------------------
+
+def run_eval(config, workdir: str | os.PathLike, command: str | None = None, verbose: bool = True) -> dict[str, Any]:
+    """The whole `varejax eval` stage (module doc); returns the results dict (also written as results.json)."""
+    from varejax.eval.scorers import build_scorer, import_plugins
+    from varejax.parallel.distributed import is_main_process, sync
+
+    start = time.time()
+    workdir = as_path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    import_plugins(list(config.eval.plugins))
+    _check_model_dirs(config)
+    rows = read_rows(config.prompts.file, int(config.prompts.limit), tuple(config.prompts.required_columns),
+                     int(config.prompts.seed))
+    per_image = image_rows(rows, int(config.images_per_prompt))
+    plan = [(r["prompt"], int(r["seed"])) for r in per_image]
+    unknown = sorted(set(config.eval.options.keys()) - set(config.eval.scorers))
+    if unknown:
+        raise UserError(f"config.eval.options names {unknown[0]!r}, which is not in config.eval.scorers")
+    # Scorers first: a missing detector or weights file fails before any sampling.
+    scorers = {name: build_scorer(name, dict(config.eval.options.get(name) or {})) for name in config.eval.scorers}
+
+    sampled = sample_images(config, workdir, plan)
+    results: dict[str, Any] = {}
+    if is_main_process():
+        values, scored, summaries = {}, {}, {}
+        (workdir / "scores").mkdir(exist_ok=True)
+        for name, scorer in scorers.items():
+            values[name], scored[name] = score_images(scorer, workdir / "images", per_image,
+                                                      workdir / "scores" / f"{name}.npz", int(config.eval.batch_size))
+            summaries[name] = _plain(scorer.summarize(values[name], per_image))
+        results = {"format": RESULTS_FORMAT, "task": config.task, "summary": summaries,
+                   "settings": settings_record(config, scorers, per_image, command),
+                   "counts": {"images": len(plan), "sampled_now": sampled, "scored_now": scored},
+                   "wall_time_s": round(time.time() - start, 1)}
+        write_text_atomic(workdir / RESULTS_FILE, json.dumps(results, indent=1) + "\n")
+        write_report(workdir, results, per_image, config)
+        if verbose:
+            print(f"{len(plan)} images ({sampled} sampled now); results: {workdir / RESULTS_FILE}, report: "
+                  f"{workdir / 'report.md'}")
+    sync("varejax:eval_written")
+    return results
+
+
+def settings_record(config, scorers: Mapping[str, Any], per_image: Sequence[Mapping[str, Any]],
+                    command: str | None) -> dict[str, Any]:
+    """Every setting that determines the numbers of results.json."""
+    import flax
+    import jax
+
+    import varejax
+    from varejax.sample.pipeline import model_hash, sampling_from_config
+
+    models = {name: {"path": os.path.realpath(config.model[name]), "hash": model_hash(config.model[name])}
+              for name in ("infinity", "vae", "t5")}
+    deltas = [{"path": os.path.realpath(p), "file_sha256": file_sha256(p)} for p in config.model.delta]
+    sampling = sampling_from_config(config.sampling)
+    return {
+        "models": models, "delta": deltas, "force_delta": bool(config.model.force_delta),
+        "prompts": {"file": os.path.realpath(config.prompts.file), "sha256": file_sha256(config.prompts.file),
+                    "limit": int(config.prompts.limit), "rows": len(per_image) // max(1, config.images_per_prompt)},
+        "sampling": {"guidance": list(sampling.guidance), "tau": list(sampling.tau), "top_k": sampling.top_k,
+                     "top_p": sampling.top_p, "greedy": sampling.greedy, "negative_prompt": config.negative_prompt,
+                     "images_per_prompt": int(config.images_per_prompt), "batch_size": int(config.batch_size),
+                     "h_div_w": config.h_div_w, "pn": config.pn, "schedule": [list(s) for s in _schedule(config)]},
+        "seeds": [int(r["seed"]) for r in per_image],
+        "scorers": {name: _plain(s.settings()) for name, s in scorers.items()},
+        "command": command if command is not None else shlex.join(["varejax", *sys.argv[1:]]),
+        "config": json.loads(config.to_json_best_effort()),
+        "versions": {"varejax": varejax.__version__, "jax": jax.__version__, "flax": flax.__version__,
+                     "numpy": np.__version__, "python": platform.python_version()},
+        "devices": f"{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} device(s)",
+    }
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready: numpy scalars and arrays to Python numbers and lists."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def flat_metrics(summary: Mapping[str, Any], prefix: str = "") -> dict[str, int | float]:
+    """Numeric leaves of a (nested) summary as {"a/b/c": value}; booleans and strings are left out."""
+    out: dict[str, int | float] = {}
+    for key, value in summary.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flat_metrics(value, name + "/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = value
+    return out
+
+
+# ---- reports (Markdown and HTML from the same blocks) ------------------------------------------------
+
+class Page:
+    """A report as blocks (headings, text, tables, images) written both as Markdown and as HTML."""
+
+    def __init__(self, title: str):
+        self.title = title
+        self.blocks: list[tuple[str, Any]] = []
+
+    def heading(self, text: str) -> None:
+        self.blocks.append(("h2", text))
+
+    def text(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def table(self, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+        self.blocks.append(("table", (list(header), [list(r) for r in rows])))
+
+    def image(self, src: str, alt: str) -> None:
+        self.blocks.append(("img", (src, alt)))
+
+    def markdown(self) -> str:
+        from varejax.eval.report import markdown_table
+
+        lines = [f"# {self.title}", ""]
+        for kind, body in self.blocks:
+            if kind == "h2":
+                lines += [f"## {body}", ""]
+            elif kind == "p":
+                lines += [body, ""]
+            elif kind == "table":
+                lines += [markdown_table(*body), ""]
+            else:
+                lines += [f"![{body[1]}]({body[0]})", ""]
+        return "\n".join(lines)
+
+    def html(self) -> str:
+        def cell(value: object) -> str:
+            return html.escape(f"{value:.3f}" if isinstance(value, float) else str(value))
+
+        parts = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\">", f"<title>{html.escape(self.title)}</title>",
+                 "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+                 "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}img{max-width:100%}</style>",
+                 "</head><body>", f"<h1>{html.escape(self.title)}</h1>"]
+        for kind, body in self.blocks:
+            if kind == "h2":
+                parts.append(f"<h2>{html.escape(body)}</h2>")
+            elif kind == "p":
+                parts.append(f"<p>{html.escape(body)}</p>")
+            elif kind == "table":
+                header, rows = body
+                parts.append("<table><tr>" + "".join(f"<th>{cell(h)}</th>" for h in header) + "</tr>")
+                parts += ["<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows]
+                parts.append("</table>")
+            else:
+                parts.append(f"<p><img src=\"{html.escape(body[0])}\" alt=\"{html.escape(body[1])}\"></p>")
+        parts.append("</body></html>")
+        return "\n".join(parts) + "\n"
+
+    def write(self, folder, stem: str) -> None:
+        write_text_atomic(as_path(folder) / f"{stem}.md", self.markdown())
+        write_text_atomic(as_path(folder) / f"{stem}.html", self.html())
+
+
+def bar_chart(panels: Mapping[str, Mapping[str, float]], path, *, panel_size: tuple[int, int] = (320, 240),
+              columns: int = 3):
+    """Bar charts side by side, one panel per metric ({metric: {bar label: value}}), written as one PNG."""
+    import math
+
+    from PIL import Image, ImageDraw
+
+    from varejax.eval.report import PALETTE
+    from varejax.images import write_pil
+
+    columns = max(1, min(columns, len(panels)))
+    width, height = panel_size
+    canvas = Image.new("RGB", (columns * width, math.ceil(len(panels) / columns) * height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for p, (title, bars) in enumerate(panels.items()):
+        ox, oy = (p % columns) * width, (p // columns) * height
+        left, right, top, bottom = ox + 50, ox + width - 10, oy + 22, oy + height - 40
+        values = [v for v in bars.values() if math.isfinite(v)]
+        low, high = min([0.0, *values]), max([0.0, *values])
+        high = high if high > low else low + 1.0
+        sy = lambda v, lo=low, hi=high, t=top, b=bottom: b - (v - lo) / (hi - lo) * (b - t)
+        draw.text((ox + 6, oy + 4), title[:48], fill="black")
+        draw.rectangle([left, top, right, bottom], outline="black")
+        for k in range(5):
+            v = low + (high - low) * k / 4
+            draw.line([(left, sy(v)), (right, sy(v))], fill=(230, 230, 230))
+            draw.text((ox + 4, sy(v) - 6), f"{v:.3g}", fill="black")
+        slot = (right - left) / max(1, len(bars))
+        for k, (label, value) in enumerate(bars.items()):
+            x0, x1 = left + slot * k + slot * 0.15, left + slot * (k + 0.85)
+            if math.isfinite(value):
+                draw.rectangle([x0, min(sy(value), sy(0.0)), x1, max(sy(value), sy(0.0))],
+                               fill=PALETTE[k % len(PALETTE)])
+            draw.text((x0, bottom + 4 + 12 * (k % 2)), str(label)[: max(4, int(slot / 6))], fill="black")
+    write_pil(as_path(path), canvas)
+    return as_path(path)
+
+
+def _thumbnails(images: np.ndarray, longest: int = 128) -> np.ndarray:
+    """Images shrunk so that their longer side is at most `longest` (grids of 1024 px images stay small)."""
+    from PIL import Image
+
+    h, w = images.shape[1:3]
+    if max(h, w) <= longest:
+        return images
+    size = (max(1, round(w * longest / max(h, w))), max(1, round(h * longest / max(h, w))))
+    return np.stack([np.asarray(Image.fromarray(im).resize(size, Image.BILINEAR)) for im in images])
+
+
+def write_report(workdir, results: Mapping[str, Any], per_image: Sequence[Mapping[str, Any]], config) -> None:
+    """report.md and report.html: settings, a table and a bar chart per scorer, an image grid with prompts."""
+    from varejax.eval.report import labelled_grid
+
+    figures = as_path(workdir) / "figures"
+    figures.mkdir(exist_ok=True)
+    settings = results["settings"]
+    page = Page(f"varejax eval: {results['task']}")
+    models = ", ".join(f"{k} {v['hash']}" for k, v in settings["models"].items())
+    prompts = settings["prompts"]
+    deltas = f"; deltas {', '.join(d['path'] for d in settings['delta'])}" if settings["delta"] else ""
+    page.text(f"{len(per_image)} images of {prompts['file']} (sha256 {prompts['sha256'][:16]}); models {models}"
+              f"{deltas}. Command: {settings['command']}")
+    for name, summary in results["summary"].items():
+        metrics = flat_metrics(summary)
+        page.heading(f"Scorer {name}")
+        page.table(["metric", "value"], [[k, v] for k, v in metrics.items()])
+        shown = {k: v for k, v in metrics.items() if k != "n" and not k.endswith("/n")}
+        if len(shown) >= 2:
+            file = f"figures/{name}.png"
+            bar_chart({name: shown}, as_path(workdir) / file, panel_size=(max(480, 60 * len(shown)), 300))
+            page.image(file, f"{name} metrics")
+    count = min(int(config.report.grid_images), len(per_image))
+    if count:
+        from varejax import images as image_io
+
+        picks = list(range(count))
+        images = _thumbnails(np.stack([image_io.load_uint8(as_path(workdir) / "images" / f"{i:05d}.png")
+                                       for i in picks]))
+        scale = 2 if max(images.shape[1:3]) <= 64 else 1
+        labelled_grid(images, [f"{i}: {per_image[i]['prompt']}" for i in picks],
+                      min(int(config.report.columns), count), figures / "grid.png", scale=scale)
+        page.heading("Images")
+        page.image("figures/grid.png", "sampled images")
+        page.table(["image", "case", "seed", "prompt"],
+                   [[i, per_image[i].get("case_number", ""), per_image[i]["seed"], per_image[i]["prompt"]]
+                    for i in picks])
+    page.heading("Settings")
+    sampling = settings["sampling"]
+    page.table(["setting", "value"], [
+        *[[f"model.{k}", f"{v['path']} ({v['hash']})"] for k, v in settings["models"].items()],
+        ["guidance", sampling["guidance"]], ["tau", sampling["tau"]], ["top_p", sampling["top_p"]],
+        ["images per prompt", sampling["images_per_prompt"]],
+        *[[f"scorer {k}", json.dumps(v, sort_keys=True)] for k, v in settings["scorers"].items()],
+        ["versions", ", ".join(f"{k} {v}" for k, v in settings["versions"].items())]])
+    page.write(workdir, "report")
