@@ -3,6 +3,8 @@
     varejax convert infinity --src infinity_2b_reg.pth --arch 2b --out models/infinity_2b
     varejax sample --config configs/sample.py --workdir runs/sample --config.prompts="('a fox',)"
     varejax sweep --config configs/sweep_toy.py --workdir runs/sweep
+    varejax eval --config configs/eval_toy.py --workdir runs/eval_toy
+    varejax compare runs/eval_base runs/eval_erased --names base,erased
     varejax merge --base models/infinity_2b runs/church/delta.safetensors --out models/infinity_2b_church
     varejax toy train --workdir runs/toy
     varejax config show --config configs/erase.py:church --config.train.steps=100
@@ -21,6 +23,7 @@ from varejax.convert import cli as convert_cli
 from varejax.erase import cli as erase_cli
 from varejax.erase import merge as merge_cli
 from varejax.errors import UserError
+from varejax.eval import cli as eval_cli
 from varejax.sample import cli as sample_cli
 from varejax.sweep import cli as sweep_cli
 from varejax.toy import cli as toy_cli
@@ -37,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     erase_cli.add_parser(stages)
     merge_cli.add_parser(stages)
     sweep_cli.add_parser(stages)
+    eval_cli.add_parser(stages)
     toy_cli.add_parser(stages)
     _add_config_parser(stages)
     return parser

@@ -139,11 +139,14 @@ def plan_images(prompts: Sequence[str], images_per_prompt: int, seed: int) -> li
 
 
 def run_sampling(config: Any, workdir: str | os.PathLike, pipeline: Pipeline | None = None,
-                 schedule: Sequence[tuple[int, int, int]] | None = None) -> list[dict]:
+                 schedule: Sequence[tuple[int, int, int]] | None = None,
+                 plan: Sequence[tuple[str, int]] | None = None) -> list[dict]:
     """The `varejax sample` stage: images, records and a grid in `workdir`; returns the records.
 
     Without `pipeline`, the models are the folders of `config.model`; a given pipeline may bring its own
     `schedule` (the embedded toy world's, resolved by the command), otherwise `config.h_div_w` and `pn` pick it.
+    `plan` gives the (prompt, seed) of every image (`varejax eval`: a prompt file's own seeds) instead of
+    `config.prompts`, `images_per_prompt` and `seed`.
     """
     from tqdm import tqdm
 
@@ -170,11 +173,12 @@ def run_sampling(config: Any, workdir: str | os.PathLike, pipeline: Pipeline | N
                                       min_vocab=config.model.min_vocab, mesh=mesh,
                                       rules=rules_tuple(config.mesh.rules), **dict(config.numerics))
     pipeline.check_compatible()
-    if not config.prompts:
+    if plan is None and not config.prompts:
         raise ConfigError("config.prompts is empty: give at least one prompt")
     sampling = sampling_from_config(config.sampling)
     sampling.per_scale(len(schedule))  # a per-scale guidance or tau list that does not fit fails here
-    plan = plan_images(list(config.prompts), config.images_per_prompt, config.seed)
+    if plan is None:
+        plan = plan_images(list(config.prompts), config.images_per_prompt, config.seed)
     todo = _missing(out_dir, len(plan))
     writer = jax.process_index() == 0  # multi-host: every process samples every batch, process 0 writes
     batch = max(1, int(config.batch_size))
