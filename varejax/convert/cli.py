@@ -21,6 +21,10 @@ MODELS = {
            "HF T5 folder: config.json + safetensors/.bin weights (sharded ok)",
            None,
            "check config, keys and shapes only; write nothing"),
+    "clip": ("CLIP (ViT-B/32, ViT-L/14, ...; from a local HF CLIPModel folder) for CLIP score / zero-shot",
+             "HF CLIP folder: config.json + safetensors/.bin weights (+ tokenizer files, copied)",
+             None,
+             "check config, keys and shapes only; write nothing"),
 }
 
 
@@ -53,6 +57,9 @@ def _convert(args: argparse.Namespace) -> int:
     elif args.model == "vae":
         from varejax.convert.vae import convert_vae
         report = convert_vae(args.src, args.arch, args.out, **options)
+    elif args.model == "clip":
+        from varejax.convert.clip import convert_clip
+        report = convert_clip(args.src, args.out, **options)
     else:
         from varejax.convert.t5 import convert_t5
         report = convert_t5(args.src, args.out, **options)
