@@ -74,7 +74,8 @@ def base_config(task: str, prompt_file: str, scorers: Mapping[str, Mapping[str, 
     config.model.force_delta = False   # apply deltas whose recorded base is another model
     config.prompts = ml_collections.ConfigDict()
     config.prompts.file = prompt_file
-    config.prompts.limit = 0           # the first N rows only (0 = all)
+    config.prompts.limit = 0           # N rows only (0 = all): the first N, or drawn with sample_seed
+    config.prompts.sample_seed = -1    # >= 0: draw the `limit` rows at random with this seed (kept in file order)
     config.prompts.required_columns = ()  # columns the task needs besides prompt (checked before sampling)
     config.prompts.seed = 0            # seed of rows without evaluation_seed: seed + row number
     config.images_per_prompt = 1
@@ -100,11 +101,13 @@ def base_config(task: str, prompt_file: str, scorers: Mapping[str, Mapping[str, 
 
 # ---- prompt rows -------------------------------------------------------------------------------------
 
-def read_rows(path: str, limit: int = 0, required: Sequence[str] = (), default_seed: int = 0) -> list[dict]:
+def read_rows(path: str, limit: int = 0, required: Sequence[str] = (), default_seed: int | None = 0,
+              sample_seed: int = -1) -> list[dict]:
     """The rows of a prompt file as dicts with `prompt`, `seed` (int), `case_number` and the file's other columns.
 
-    Uses `varejax.data.sources.read_prompt_rows` when it exists; otherwise reads CSV (and JSONL) itself.
-    Raises a one-line UserError naming the file for a missing file, a missing column or a bad seed.
+    `varejax.data.sources.read_prompt_rows` reads them (CSV / JSONL in the ESD / UCE layout; `limit` rows, the
+    first ones or, with `sample_seed` >= 0, drawn at random; rows of a file without a seed column get
+    default_seed + row number). A one-line UserError names the file for a missing file, column or bad seed.
     """
     if not path:
         raise UserError("config.prompts.file is empty: give the task's prompt file (CSV or JSONL)")
@@ -112,21 +115,27 @@ def read_rows(path: str, limit: int = 0, required: Sequence[str] = (), default_s
         raise UserError(f"prompt file {path} not found")
     try:
         from varejax.data.sources import read_prompt_rows
-    except ImportError:
-        read_prompt_rows = None
-    rows = [dict(r) for r in read_prompt_rows(path)] if read_prompt_rows is not None else _read_table(path)
+    except ImportError:  # the minimal reader below, until varejax.data.sources is installed
+        return _read_rows_minimal(path, limit, required, default_seed)
+    rows = read_prompt_rows(path, count=int(limit) or None, sample_seed=None if sample_seed < 0 else sample_seed,
+                            require=tuple(required), default_seed=default_seed)
+    if not rows:
+        raise UserError(f"prompt file {path} has no rows")
+    return rows
+
+
+def _read_rows_minimal(path: str, limit: int, required: Sequence[str], default_seed: int | None) -> list[dict]:
+    rows = _read_table(path)
     if not rows:
         raise UserError(f"prompt file {path} has no rows")
     missing = [c for c in ("prompt", *required) if c not in rows[0]]
     if missing:
         raise UserError(f"prompt file {path} has no column {missing[0]!r} (columns: {', '.join(rows[0])})")
-    if limit:
-        rows = rows[:int(limit)]
     out = []
-    for i, row in enumerate(rows):
-        seed = row.get("seed", row.get("evaluation_seed"))
+    for i, row in enumerate(rows[:int(limit)] if limit else rows):
+        seed = row.get("evaluation_seed", row.get("seed"))
         try:
-            seed = int(default_seed) + i if seed is None or str(seed).strip() == "" else int(float(seed))
+            seed = int(default_seed or 0) + i if seed is None or str(seed).strip() == "" else int(float(seed))
         except ValueError:
             raise UserError(f"prompt file {path}, row {i + 1}: seed {seed!r} is not a number") from None
         case = row.get("case_number")
@@ -240,15 +249,15 @@ def _schedule(config):
     return schedules.get_schedule(config.h_div_w, config.pn)
 
 
-def sample_images(config, workdir, plan: Sequence[tuple[str, int]]) -> int:
-    """Samples the images of `plan` not yet in WORKDIR/images; returns how many were sampled."""
+def sample_images(config, workdir, plan: Sequence[tuple[str, int]]) -> list[int]:
+    """Samples the images of `plan` not yet in WORKDIR/images; returns their indices (process 0's view)."""
     from varejax.parallel.distributed import is_main_process, sync
     from varejax.sample.pipeline import run_sampling
 
-    done = _existing_records(workdir, plan) if is_main_process() else []
-    todo = len(plan) - len(done)
-    if _broadcast_int(todo) == 0:
-        return 0
+    done = set(_existing_records(workdir, plan)) if is_main_process() else set()
+    todo = [i for i in range(len(plan)) if i not in done]
+    if _broadcast_int(len(todo)) == 0:
+        return []
     pipeline = load_pipeline(config, workdir)
     run_sampling(config, workdir, pipeline, _schedule(config), plan=plan)
     sync("varejax:eval_sampled")
@@ -271,10 +280,12 @@ def _settings_key(settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def score_images(scorer, images_dir, rows: Sequence[Mapping[str, Any]], out_file, batch_size: int
-                 ) -> tuple[dict[str, np.ndarray], int]:
+def score_images(scorer, images_dir, rows: Sequence[Mapping[str, Any]], out_file, batch_size: int,
+                 fresh: Sequence[int] = ()) -> tuple[dict[str, np.ndarray], int]:
     """Per-image values of every image (index order), scoring only those not yet in `out_file` (npz: the values,
-    `_index` and `_settings`), saved after each batch. Returns (values, how many were scored now)."""
+    `_index` and `_settings`), saved after each batch. Returns (values, how many were scored now).
+
+    `fresh`: images (re)sampled by this run; values stored for them earlier are dropped and scored again."""
     from varejax.eval.scorers import check_images
     from varejax.paths import load_npz, save_npz
 
@@ -284,6 +295,9 @@ def score_images(scorer, images_dir, rows: Sequence[Mapping[str, Any]], out_file
         stored = load_npz(out_file)
         if str(stored.get("_settings", "")) != key:  # other settings: the stored values are not these
             stored = {}
+    if stored and fresh:
+        keep = ~np.isin(stored["_index"], np.asarray(list(fresh), np.int64))
+        stored = {k: (v if k == "_settings" else np.asarray(v)[keep]) for k, v in stored.items()}
     have = set(int(i) for i in stored.get("_index", []))
     todo = [i for i in range(len(rows)) if i not in have]
     scored_now = 0
@@ -328,7 +342,7 @@ def run_eval(config, workdir: str | os.PathLike, command: str | None = None, ver
     import_plugins(list(config.eval.plugins))
     _check_model_dirs(config)
     rows = read_rows(config.prompts.file, int(config.prompts.limit), tuple(config.prompts.required_columns),
-                     int(config.prompts.seed))
+                     int(config.prompts.seed), int(config.prompts.sample_seed))
     per_image = image_rows(rows, int(config.images_per_prompt))
     plan = [(r["prompt"], int(r["seed"])) for r in per_image]
     unknown = sorted(set(config.eval.options.keys()) - set(config.eval.scorers))
@@ -337,23 +351,24 @@ def run_eval(config, workdir: str | os.PathLike, command: str | None = None, ver
     # Scorers first: a missing detector or weights file fails before any sampling.
     scorers = {name: build_scorer(name, dict(config.eval.options.get(name) or {})) for name in config.eval.scorers}
 
-    sampled = sample_images(config, workdir, plan)
+    sampled = sample_images(config, workdir, plan)  # indices of the images sampled now
     results: dict[str, Any] = {}
     if is_main_process():
         values, scored, summaries = {}, {}, {}
         (workdir / "scores").mkdir(exist_ok=True)
         for name, scorer in scorers.items():
             values[name], scored[name] = score_images(scorer, workdir / "images", per_image,
-                                                      workdir / "scores" / f"{name}.npz", int(config.eval.batch_size))
+                                                      workdir / "scores" / f"{name}.npz", int(config.eval.batch_size),
+                                                      fresh=sampled)
             summaries[name] = _plain(scorer.summarize(values[name], per_image))
         results = {"format": RESULTS_FORMAT, "task": config.task, "summary": summaries,
                    "settings": settings_record(config, scorers, per_image, command),
-                   "counts": {"images": len(plan), "sampled_now": sampled, "scored_now": scored},
+                   "counts": {"images": len(plan), "sampled_now": len(sampled), "scored_now": scored},
                    "wall_time_s": round(time.time() - start, 1)}
         write_text_atomic(workdir / RESULTS_FILE, json.dumps(results, indent=1) + "\n")
         write_report(workdir, results, per_image, config)
         if verbose:
-            print(f"{len(plan)} images ({sampled} sampled now); results: {workdir / RESULTS_FILE}, report: "
+            print(f"{len(plan)} images ({len(sampled)} sampled now); results: {workdir / RESULTS_FILE}, report: "
                   f"{workdir / 'report.md'}")
     sync("varejax:eval_written")
     return results

@@ -32,6 +32,7 @@ from etils.epath import Path
 from varejax.data.pairs import PromptPair, write_pairs
 from varejax.eval.metrics import attribute_accuracy, erasure_rate, frechet_distance
 from varejax.eval.report import labelled_grid, line_plot, markdown_table, text_table
+from varejax.eval.toy_scorer import shows_concept
 from varejax.paths import as_path, write_text_atomic
 from varejax.toy import world
 
@@ -87,9 +88,8 @@ def _generate(pipeline, params, prompt_set: PromptSet, sampling, schedule, batch
                                                     params=params), len(prompt_set.prompts), batch)
 
 
-def _shows(predicted: dict[str, np.ndarray], concept: str) -> np.ndarray:
-    attr, value = world.parse_concept(concept)
-    return np.asarray(predicted[attr]) == int(value)
+# What the oracle reads as showing a concept: the same test as `varejax eval`'s toy_oracle scorer.
+_shows = shows_concept
 
 
 def erasure_pairs(config: Any) -> dict[str, list[PromptPair]]:
