@@ -138,7 +138,9 @@ class CLIPEmbedder:
                  batch_size: int = 32):
         from varejax.convert.clip import load_clip, model_fingerprint
         from varejax.models.clip_tokenizer import CLIPTokenizer
+        from varejax.paths import require_local
 
+        model_dir = require_local(model_dir, "the CLIP tokenizer files are read from local paths")
         if not Path(model_dir, "config.json").is_file():
             raise UserError(f"{model_dir}: no CLIP model folder (config.json missing); convert a local HF CLIP "
                             f"download first: varejax convert clip --src DIR --out {model_dir}")
