@@ -21,6 +21,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = base_config("object/church", os.path.join(HERE, "prompts", "church.csv"),
-                         {"clip_zero_shot": {}, "clip_score": {}},  # options: see varejax/eval/clip_metrics.py
+                         # options: see varejax/eval/clip_metrics.py (model_dir: `varejax convert clip` output)
+                         {"clip_zero_shot": {"model_dir": "models/clip_vit_b_32", "protocol": "imagenette",
+                                             "erased_class": "church", "class_column": "class", "topk": 1,
+                                             "batch_size": 32},
+                          "clip_score": {"model_dir": "models/clip_vit_b_32", "batch_size": 32}},
                          arch=arg or "2b")
     return config.lock()

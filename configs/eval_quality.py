@@ -21,6 +21,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = base_config("quality", os.path.join(HERE, "prompts", "coco_style.csv"),
-                         {"fid": {}, "clip_score": {}},  # options (reference images, ...): varejax/eval/fid.py
+                         # options: varejax/eval/fid.py, varejax/eval/clip_metrics.py
+                         {"fid": {"model_dir": "models/inception",         # `varejax convert inception` output
+                                  "reference": "data/coco_val_images",     # stats .npz, image folder or images .npz
+                                  "cache_dir": None, "batch_size": 32},
+                          "clip_score": {"model_dir": "models/clip_vit_b_32", "batch_size": 32}},
                          arch=arg or "2b")
     return config.lock()
