@@ -194,13 +194,15 @@ def _rows_from_records(records: Sequence[tuple[str, Mapping[str, Any]]], **optio
 
 def _rows_from_list(items: Sequence[Any], **options) -> list[dict[str, Any]]:
     """A Python list of prompt strings (seeds default_seed + i, default 0) or of row dicts."""
-    if all(isinstance(item, str) for item in items):
+    kind = str if items and isinstance(items[0], str) else Mapping  # the first item decides: all strings or dicts
+    for i, item in enumerate(items):
+        if not isinstance(item, kind):
+            raise SourceError(f"prompts[{i}]: expected a {'prompt string' if kind is str else 'dict'} like "
+                              f"prompts[0], got {type(item).__name__}")
+    if kind is str:
         seed = 0 if options["default_seed"] is None else int(options["default_seed"])
         records = [(f"prompts[{i}]", {"prompt": text, "seed": seed + i}) for i, text in enumerate(items)]
         return _rows_from_records(records, **{**options, "prompt_column": "prompt", "require": ()})
-    for i, item in enumerate(items):
-        if not isinstance(item, Mapping):
-            raise SourceError(f"prompts[{i}]: expected a prompt string or a dict, got {type(item).__name__}")
     return _rows_from_records([(f"prompts[{i}]", dict(item)) for i, item in enumerate(items)], **options)
 
 
