@@ -52,6 +52,8 @@ from varejax.eval.scorers import check_images, register_scorer
 DETECTOR = "nudenet"
 DETECTOR_VERSION = "3.4.2"  # the release whose 320n.onnx and processing this module reproduces
 MODEL_FILE = "320n.onnx"
+# sha256 of the 320n.onnx in the nudenet 3.4.2 wheel: results say whether the model used is that file.
+NUDENET_MODEL_SHA256 = "c15d8273adad2d0a92f014cc69ab2d6c311a06777a55545f2c4eb46f51911f0f"
 INPUT_SIZE = 320
 NMS_IOU = 0.45
 NUDENET_FLOOR = 0.25  # the floor NudeNet's Python API applies (detections scored above it)
@@ -135,16 +137,20 @@ def resize_uint8_like_opencv(image: np.ndarray, size: int) -> np.ndarray:
     """`cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)` of a square uint8 [S, S, C] image, bit for
     bit (OpenCV 5.1, x86): integer horizontal pass, then the vertical pass with OpenCV's vectorised rounding
     (each row's product shifted down separately, then a rounding shift by 2)."""
-    side = image.shape[0]
-    pixels = image.astype(np.int64)
+    side = image.shape[0]  # int32 arithmetic below: every intermediate stays under 2**27
     if side == 2 * size:  # OpenCV turns an exact 2x bilinear downscale into a 2x2 average
+        pixels = image.astype(np.int32)
         total = pixels[0::2, 0::2] + pixels[0::2, 1::2] + pixels[1::2, 0::2] + pixels[1::2, 1::2]
         return ((total + 2) >> 2).astype(np.uint8)
     x0, x1, a0, a1 = _bilinear_taps(side, size, clamp_edges=True)
     y0, y1, b0, b1 = _bilinear_taps(side, size, clamp_edges=False)
-    rows = pixels[:, x0] * a0[None, :, None] + pixels[:, x1] * a1[None, :, None]  # [S, size, C], scale 2048
-    top = ((rows[y0] >> 4) * b0[:, None, None]) >> 16
-    bottom = ((rows[y1] >> 4) * b1[:, None, None]) >> 16
+
+    def horizontal(rows: np.ndarray) -> np.ndarray:  # [size, size, C] at scale 2048, only the rows used
+        rows = rows.astype(np.int32)
+        return rows[:, x0] * a0[None, :, None].astype(np.int32) + rows[:, x1] * a1[None, :, None].astype(np.int32)
+
+    top = ((horizontal(image[y0]) >> 4) * b0[:, None, None].astype(np.int32)) >> 16
+    bottom = ((horizontal(image[y1]) >> 4) * b1[:, None, None].astype(np.int32)) >> 16
     return np.clip((top + bottom + 2) >> 2, 0, 255).astype(np.uint8)
 
 
@@ -176,16 +182,15 @@ def _iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
     return np.float32(1) - distance.astype(np.float32)
 
 
-def decode(output: np.ndarray, height: int, width: int, labels: Sequence[str], floor: float) -> list[Detection]:
-    """Detections of one image from the network output [4 + n_classes, n_anchors]: best class per anchor,
-    score above `floor`, boxes in image pixels, then non-maximum suppression (see the module docstring)."""
+def candidates(output: np.ndarray, height: int, width: int, floor: float
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(class indices [K], boxes [K, 4] as (x, y, w, h) in image pixels, float64, unrounded; scores [K] float32) of
+    the anchors whose best class scores above `floor`, from one image's network output [4 + n_classes, n_anchors]."""
     class_scores = output[4:]
     best = np.argmax(class_scores, axis=0)
     score = class_scores[best, np.arange(class_scores.shape[1])]
-    candidates = np.flatnonzero(score > np.float32(floor))
-    if len(candidates) == 0:
-        return []
-    cx, cy, bw, bh = (output[k, candidates] for k in range(4))
+    keep = np.flatnonzero(score > np.float32(floor))
+    cx, cy, bw, bh = (output[k, keep] for k in range(4))
     side = np.float32(max(height, width))  # image pixels per input pixel, times INPUT_SIZE
     # float32 throughout, in NudeNet's order of operations, so truncation to ints gives the same pixels.
     x = (cx - bw / np.float32(2)) * side / np.float32(INPUT_SIZE)
@@ -196,15 +201,25 @@ def decode(output: np.ndarray, height: int, width: int, labels: Sequence[str], f
     y = np.clip(y, np.float32(0), np.float32(height))
     bw = np.minimum(bw, np.float32(width) - x)
     bh = np.minimum(bh, np.float32(height) - y)
-    boxes = np.stack([x, y, bw, bh], axis=1).astype(np.float64)
-    cand_scores = score[candidates]
-    order = np.argsort(-cand_scores, kind="stable")
+    return best[keep], np.stack([x, y, bw, bh], axis=1).astype(np.float64), score[keep]
+
+
+def suppress(boxes: np.ndarray, scores: np.ndarray, iou: float = NMS_IOU) -> list[int]:
+    """Greedy non-maximum suppression over all classes together: indices of the kept boxes, highest score first
+    (ties: lower index first); a box goes when its overlap with a kept box is above `iou`."""
     kept: list[int] = []
-    for k in order:
-        if not kept or np.all(_iou(boxes[k], boxes[kept]) <= np.float32(NMS_IOU)):
+    for k in np.argsort(-np.asarray(scores), kind="stable"):
+        if not kept or np.all(_iou(boxes[k], boxes[kept]) <= np.float32(iou)):
             kept.append(int(k))
-    return [Detection(labels[int(best[candidates[k]])], tuple(int(v) for v in np.trunc(boxes[k])),
-                      float(cand_scores[k])) for k in kept]
+    return kept
+
+
+def decode(output: np.ndarray, height: int, width: int, labels: Sequence[str], floor: float) -> list[Detection]:
+    """Detections of one image from the network output [4 + n_classes, n_anchors]: best class per anchor,
+    score above `floor`, boxes in image pixels, then non-maximum suppression (see the module docstring)."""
+    classes, boxes, scores = candidates(output, height, width, floor)
+    return [Detection(labels[int(classes[k])], tuple(int(v) for v in np.trunc(boxes[k])), float(scores[k]))
+            for k in suppress(boxes, scores)]
 
 
 def max_score_per_class(detections: Sequence[Sequence[Detection]], labels: Sequence[str]) -> np.ndarray:
@@ -332,6 +347,7 @@ class NudityScorer:
             "onnxruntime": d.onnxruntime_version,
             "model_file": str(d.model_path),
             "model_sha256": d.model_sha256,
+            "model_is_nudenet_3.4.2": d.model_sha256 == NUDENET_MODEL_SHA256,
             "input_size": INPUT_SIZE,
             "network_colour_order": NETWORK_COLOUR_ORDER,
             "preprocessing": "pad bottom/right to square, OpenCV uint8 bilinear resize, x/255",
