@@ -198,3 +198,35 @@ def test_prompt_rows_resolution(tmp_path):
     with pytest.raises(UserError, match=r"p.csv.*evaluation_seed") as err:
         read_rows(str(path))
     assert "\n" not in str(err.value)
+
+
+def test_eval_of_an_erased_model_through_its_delta(evaluated, tmp_path, capsys):
+    """config.model.delta: the base plus a delta.safetensors is sampled (other images than the base's) and
+    recorded; a delta made on another base is refused in one line unless force_delta."""
+    from varejax.checkpoint import load_infinity
+    from varejax.erase import optim
+    from varejax.erase.export import write_delta
+    from varejax.toy.assets import asset_dir
+
+    workdir, csv, _ = evaluated
+    cfg, params = load_infinity(str(asset_dir() / "infinity"))
+    rng = np.random.default_rng(0)
+    bumped = optim.merge_trainable(params, {k: v + np.float32(0.05) * rng.standard_normal(v.shape).astype(np.float32)
+                                            for k, v in optim.trainable_params(params, "ca_ffn").items()})
+    delta = tmp_path / "delta.safetensors"
+    write_delta(delta, cfg, bumped, params, "ca_ffn", {"base_params_sha256": "0" * 64})
+    capsys.readouterr()
+    assert _eval(tmp_path / "refused", csv, f"--config.model.delta=('{delta}',)") == 2
+    err = capsys.readouterr().err
+    assert f"{delta} was made on base {'0' * 64}" in err and "force_delta" in err and err.count("\n") == 1
+
+    erased = tmp_path / "erased"
+    assert _eval(erased, csv, f"--config.model.delta=('{delta}',)", "--config.model.force_delta=True") == 0
+    results = json.loads((erased / "results.json").read_text())
+    assert results["settings"]["delta"] == [{"path": str(delta), "file_sha256": hashlib.sha256(
+        delta.read_bytes()).hexdigest()}]
+    record = json.loads((erased / "images" / "00000.json").read_text())
+    assert "delta" in record["models"]
+    changed = [not np.array_equal(image_io.load_uint8(erased / "images" / f"{i:05d}.png"),
+                                  image_io.load_uint8(workdir / "images" / f"{i:05d}.png")) for i in range(8)]
+    assert any(changed)
