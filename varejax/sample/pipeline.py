@@ -75,16 +75,19 @@ class Pipeline:
                              f"{self.infinity_cfg.codebook_dim}")
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], sampling: SamplingConfig,
-                 schedule: schedules.Schedule, negative_prompt: str = "", params: Any = None) -> np.ndarray:
+                 schedule: schedules.Schedule, negative_prompt: str = "", params: Any = None,
+                 text_features: tuple[Any, Any] | None = None) -> np.ndarray:
         """uint8 RGB images [B, H, W, 3], one per prompt, each from its own seed.
 
         `params` replaces the transformer parameters (e.g. an erased model sharing the other two).
+        `text_features` (features [B, T, C], mask [B, T]) replaces the encoded prompts (soft prompts of
+        an attack); `prompts` then only labels the rows.
         """
         from varejax.models.bsq_vae import decode_jit
 
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        text, mask = self.text_encoder.encode(list(prompts))
+        text, mask = self.text_encoder.encode(list(prompts)) if text_features is None else text_features
         negative = {}
         if negative_prompt:
             neg_text, neg_mask = self.text_encoder.encode([negative_prompt] * len(prompts))
