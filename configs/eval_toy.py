@@ -30,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = base_config("toy", os.path.join(HERE, "prompts", "toy_circle.csv"),
                          {"toy_oracle": {"oracle": "",      # "" = the shipped oracle
                                          "reference": "",   # images for the toy FID (e.g. the base model's workdir)
-                                         "batch_size": 256}},
+                                         "batch_size": 64}},
                          model={k: str(root / k) for k in ("infinity", "vae", "t5")}, arch="toy")
     config.model.min_vocab = TOY_MIN_VOCAB
     config.schedule = tuple(tuple(s) for s in TOY_SCHEDULE)

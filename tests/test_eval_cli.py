@@ -22,10 +22,14 @@ def _small_bench(tmp):
     """The toy job's prompt sets, 2 prompts per concept family and 4 others (8 rows); no pipeline loaded."""
     from varejax.toy.assets import load_toy_oracle
     from varejax.toy.job import ToyBench, main_job_config
+    from varejax.toy.oracle import classify_batched
 
     config = main_job_config("ci")
     config.eval.concept_prompts, config.eval.other_prompts = 2, 4
-    return ToyBench(config, tmp, pipeline=object(), oracle=load_toy_oracle())
+    bench = ToyBench(config, tmp, pipeline=object(), oracle=load_toy_oracle())
+    # The same oracle reading in batches of 64 (the scorer's) instead of 256: one compiled program for both.
+    bench.predict = lambda images: classify_batched(bench.oracle, images, 64)
+    return bench
 
 
 def _eval(workdir, csv, *extra):
@@ -81,14 +85,18 @@ def test_eval_writes_results_and_report_and_resumes(evaluated):
     assert _mtimes(workdir) == before
     assert again["summary"] == results["summary"]
 
-    # An image lost: only it is sampled again and scored again (its old score is dropped), same summary.
+    # An image lost: only it is sampled again and scored again (its old score is dropped), same summary. The
+    # longest prompt's: its batch (padded with copies of it) keeps the text length, so nothing is recompiled.
+    prompts = [line.split(",")[1] for line in csv.read_text().splitlines()[1:]]
+    lost = max(range(len(prompts)), key=lambda i: len(prompts[i].split()))
     for suffix in (".png", ".json"):
-        (workdir / "images" / f"00003{suffix}").unlink()
+        (workdir / "images" / f"{lost:05d}{suffix}").unlink()
     assert _eval(workdir, csv) == 0
     third = json.loads((workdir / "results.json").read_text())
     assert third["counts"] == {"images": 8, "sampled_now": 1, "scored_now": {"toy_oracle": 1}}
     assert third["summary"] == results["summary"]
-    assert os.stat(workdir / "images" / "00000.png").st_mtime_ns == before[workdir / "images" / "00000.png"]
+    kept = (lost + 1) % len(prompts)
+    assert os.stat(workdir / "images" / f"{kept:05d}.png").st_mtime_ns == before[workdir / "images" / f"{kept:05d}.png"]
 
 
 def test_toy_oracle_agrees_with_toy_bench(evaluated, tmp_path):

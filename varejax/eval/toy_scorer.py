@@ -136,9 +136,9 @@ class ToyOracleScorer:
 
     name = "toy_oracle"
 
-    def __init__(self, oracle: str = "", reference: str = "", batch_size: int = 256):
+    def __init__(self, oracle: str = "", reference: str = "", batch_size: int = 64):
         """oracle: an oracle model folder ("" = the shipped one); reference: images to compute the toy FID
-        against ("" = none); batch_size: images per oracle call (fixed: one compilation; 256 as the toy job)."""
+        against ("" = none); batch_size: images per oracle call (fixed: one compilation)."""
         from varejax.sample.pipeline import model_hash
         from varejax.toy import oracle as toy_oracle
         from varejax.toy.assets import asset_dir
