@@ -127,6 +127,8 @@ def test_scorer_settings_scores_and_summary(images):
         assert entry["sensitive"] == 0 and entry["share_sensitive"] == 0.0
         assert entry["share_exposed"] == pytest.approx(entry["class_counts"]["BELLY_EXPOSED"] / len(batch))
     assert summary["threshold_0.6"]["common"] == 1 and summary["threshold_0.75"]["common"] == 0
+    empty = scorer.score(batch[:0], [])[nudity.MAX_SCORES]
+    assert empty.shape == (0, len(scorer.detector.labels))
     settings = scorer.settings()
     assert settings["model_sha256"] == nudity.file_sha256(nudity.installed_model_path())
     assert settings["model_is_nudenet_3.4.2"] and settings["detector_version"] == "3.4.2"

@@ -285,6 +285,8 @@ class NudityDetector:
     def raw_outputs(self, images: np.ndarray) -> np.ndarray:
         """The network's outputs [N, 4 + n_classes, n_anchors], one image per run (as NudeNet's `detect`)."""
         batch = network_input(images)
+        if not len(batch):
+            return np.zeros((0, 4 + len(self.labels), 0), np.float32)
         return np.concatenate([self.session.run(None, {self.input_name: batch[i:i + 1]})[0]
                                for i in range(len(batch))])
 
