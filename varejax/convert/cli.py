@@ -1,4 +1,4 @@
-"""`varejax convert <model> --src PATH [--arch ARCH] --out DIR [--dry-run]`; model: infinity | vae | t5."""
+"""`varejax convert <model> --src PATH [--arch ARCH] --out DIR [--dry-run]`; model: infinity | vae | t5 | inception."""
 
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ MODELS = {
              "HF CLIP folder: config.json + safetensors/.bin weights (+ tokenizer files, copied)",
              None,
              "check config, keys and shapes only; write nothing"),
+    "inception": ("the FID Inception network (pytorch-fid's weights, read without torch)",
+                  "pt_inception-2015-12-05-6726825d.pth (pytorch-fid's weights file)",
+                  None,
+                  "check keys and shapes only; write nothing"),
 }
 
 
@@ -60,6 +64,9 @@ def _convert(args: argparse.Namespace) -> int:
     elif args.model == "clip":
         from varejax.convert.clip import convert_clip
         report = convert_clip(args.src, args.out, **options)
+    elif args.model == "inception":
+        from varejax.convert.inception import convert_inception
+        report = convert_inception(args.src, args.out, **options)
     else:
         from varejax.convert.t5 import convert_t5
         report = convert_t5(args.src, args.out, **options)

@@ -17,7 +17,7 @@ for torch `Mixed_5b.branch1x1.conv.weight`), so the converter (`varejax.convert.
 whole key table from this module. The fc layer (1008 classes) is kept for `logits`, not used by FID.
 
 Every function computes in the dtype of its input: float32 normally, float64 for an exact comparison
-with a float64 reference (with `jax.experimental.enable_x64()`, parameters cast by `cast_params`).
+with a float64 reference (with `with jax.enable_x64(True):`, parameters cast by `cast_params`).
 """
 
 from __future__ import annotations
@@ -316,7 +316,7 @@ def abstract_params(cfg: InceptionConfig = DEFAULT_CONFIG) -> nnx.State:
 
 
 def cast_params(params: nnx.State, dtype: Any) -> nnx.State:
-    """The parameters in `dtype` (float64 needs `jax.experimental.enable_x64()`)."""
+    """The parameters in `dtype` (float64 needs `with jax.enable_x64(True):`)."""
     return jax.tree.map(lambda v: jnp.asarray(v, dtype), params)
 
 
