@@ -494,40 +494,48 @@ class Page:
         write_text_atomic(as_path(folder) / f"{stem}.html", self.html())
 
 
-def bar_chart(panels: Mapping[str, Mapping[str, float]], path, *, panel_size: tuple[int, int] = (320, 240),
-              columns: int = 3):
-    """Bar charts side by side, one panel per metric ({metric: {bar label: value}}), written as one PNG."""
+def bar_chart(panels: Mapping[str, Mapping[str, float]], path, *, width: int = 480, columns: int = 2):
+    """Horizontal bar charts, one panel per key of `panels` ({title: {bar label: value}}), in one PNG: a bar per
+    label with its value written next to it (long metric names stay readable)."""
     import math
 
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
-    from varejax.eval.report import PALETTE
+    from varejax.eval.report import PALETTE, nice_ticks
     from varejax.images import write_pil
 
+    font = ImageFont.load_default(size=12)
     columns = max(1, min(columns, len(panels)))
-    width, height = panel_size
+    row_h, label_w = 18, min(220, 8 + max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(str(label), font))
+                                          for bars in panels.values() for label in bars))
+    height = 44 + row_h * max(len(bars) for bars in panels.values()) + 18
     canvas = Image.new("RGB", (columns * width, math.ceil(len(panels) / columns) * height), "white")
     draw = ImageDraw.Draw(canvas)
     for p, (title, bars) in enumerate(panels.items()):
         ox, oy = (p % columns) * width, (p // columns) * height
-        left, right, top, bottom = ox + 50, ox + width - 10, oy + 22, oy + height - 40
+        left, right, top = ox + label_w + 6, ox + width - 56, oy + 26
+        bottom = top + row_h * len(bars) + 4
         values = [v for v in bars.values() if math.isfinite(v)]
         low, high = min([0.0, *values]), max([0.0, *values])
         high = high if high > low else low + 1.0
-        sy = lambda v, lo=low, hi=high, t=top, b=bottom: b - (v - lo) / (hi - lo) * (b - t)
-        draw.text((ox + 6, oy + 4), title[:48], fill="black")
-        draw.rectangle([left, top, right, bottom], outline="black")
-        for k in range(5):
-            v = low + (high - low) * k / 4
-            draw.line([(left, sy(v)), (right, sy(v))], fill=(230, 230, 230))
-            draw.text((ox + 4, sy(v) - 6), f"{v:.3g}", fill="black")
-        slot = (right - left) / max(1, len(bars))
+        ticks, decimals = nice_ticks(low, high, 4)
+        low, high = min(low, ticks[0]), max(high, ticks[-1])
+        sx = lambda v, lo=low, hi=high, a=left, b=right: a + (v - lo) / (hi - lo) * (b - a)
+        draw.text((ox + 6, oy + 6), title, fill="black", font=font)
+        for tick in ticks:
+            draw.line([(sx(tick), top), (sx(tick), bottom)], fill=(225, 225, 225))
+            draw.text((sx(tick) - 8, bottom + 2), f"{tick:.{decimals}f}", fill="black", font=font)
         for k, (label, value) in enumerate(bars.items()):
-            x0, x1 = left + slot * k + slot * 0.15, left + slot * (k + 0.85)
+            y = top + 2 + row_h * k
+            text = str(label)
+            while text and draw.textlength(text, font=font) > label_w - 8:
+                text = text[1:]  # keep the end of a long metric path: its most specific part
+            draw.text((ox + 4, y + 2), text, fill="black", font=font)
             if math.isfinite(value):
-                draw.rectangle([x0, min(sy(value), sy(0.0)), x1, max(sy(value), sy(0.0))],
-                               fill=PALETTE[k % len(PALETTE)])
-            draw.text((x0, bottom + 4 + 12 * (k % 2)), str(label)[: max(4, int(slot / 6))], fill="black")
+                x0, x1 = sorted((sx(0.0), sx(value)))
+                draw.rectangle([x0, y + 2, max(x1, x0 + 1), y + row_h - 3], fill=PALETTE[k % len(PALETTE)])
+                draw.text((max(sx(0.0), sx(value)) + 4, y + 2), f"{value:.4g}", fill="black", font=font)
+        draw.line([(sx(0.0), top), (sx(0.0), bottom)], fill="black")
     write_pil(as_path(path), canvas)
     return as_path(path)
 
@@ -563,7 +571,7 @@ def write_report(workdir, results: Mapping[str, Any], per_image: Sequence[Mappin
         shown = {k: v for k, v in metrics.items() if k != "n" and not k.endswith("/n")}
         if len(shown) >= 2:
             file = f"figures/{name}.png"
-            bar_chart({name: shown}, as_path(workdir) / file, panel_size=(max(480, 60 * len(shown)), 300))
+            bar_chart({name: shown}, as_path(workdir) / file, width=640)
             page.image(file, f"{name} metrics")
     count = min(int(config.report.grid_images), len(per_image))
     if count:
