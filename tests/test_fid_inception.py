@@ -322,13 +322,16 @@ def test_fid_scorer_caches_reference_stats_and_matches_pytorch_fid(folder, conve
     reference.mkdir()
     for item in fixtures.config(folder)["inputs"]["images"][2:]:
         shutil.copy(folder / item["png"], reference)
-    first = [im for im in images[:2]]
-    assert first[0].shape == first[1].shape
     batch = len(images)  # the batch size of the fixture run: no new compile
     options = {"model_dir": str(model_dir), "reference": str(reference), "cache_dir": str(tmp_path / "cache"),
                "batch_size": batch}
     scorer = build_scorer("fid", options)
-    per_image = scorer.score(np.stack(first), [{"prompt": "p", "seed": i} for i in range(2)])
+    # score() takes same-size images, as `varejax eval` hands them over: images 0 and 1 in one call if they
+    # have one size, else one call each.
+    same_size = images[0].shape == images[1].shape
+    calls = [np.stack(images[:2])] if same_size else [images[0][None], images[1][None]]
+    scored = [scorer.score(c, [{"prompt": "p", "seed": i} for i in range(len(c))]) for c in calls]
+    per_image = {"pool3": np.concatenate([s["pool3"] for s in scored])}
     _, pool3, _ = float32_run(folder)
     measured.check(f"{folder.name}/fid/scorer_pool3", np.abs(per_image["pool3"] - pool3[:2]).max(), tol["pool3"])
     summary = scorer.summarize(per_image, [])
@@ -353,11 +356,46 @@ def test_fid_scorer_caches_reference_stats_and_matches_pytorch_fid(folder, conve
     assert from_stats.summarize(per_image, [])["fid"] == summary["fid"]
     monkeypatch.undo()
 
-    # A set against itself (an images .npz, named by the user): 0 up to float64 rounding of the traces.
-    own = tmp_path / "own.npz"
-    np.savez(own, images=np.stack(first))
+    # A set against itself (a folder, named by the user): 0 up to float64 rounding of the traces.
+    own = tmp_path / "own"
+    own.mkdir()
+    for item in fixtures.config(folder)["inputs"]["images"][:2]:
+        shutil.copy(folder / item["png"], own)
     itself = build_scorer("fid", {**options, "reference": str(own), "reference_id": "fixture-first-two"})
     value = itself.summarize(per_image, [])["fid"]
     assert itself.settings()["reference_id"] == "fixture-first-two"
     scale = float(np.trace(itself.reference_stats().sigma))
     assert 0.0 <= value <= 1e-9 * scale, (value, scale)
+
+
+def test_bad_fid_inputs_are_one_line_user_errors(tmp_path):
+    from varejax.errors import UserError
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(3, 5, 7, 3), dtype=np.uint8)
+    np.savez(tmp_path / "images.npz", images=images)
+    read = fid.read_image_set(tmp_path / "images.npz")
+    assert len(read) == 3 and all(np.array_equal(a, b) for a, b in zip(read, images, strict=True))
+    np.savez(tmp_path / "other.npz", pictures=images)
+    with pytest.raises(UserError, match=r"other.npz: an FID reference .npz needs `images`"):
+        fid.read_image_set(tmp_path / "other.npz")
+    (tmp_path / "one").mkdir()
+    from varejax.images import save_image
+
+    save_image(tmp_path / "one" / "a.png", images[0])
+    with pytest.raises(UserError, match=r"one: an FID reference folder needs at least 2 images"):
+        fid.read_image_set(tmp_path / "one")
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(4), sigma=np.zeros((4, 3)))
+    with pytest.raises(UserError, match=r"stats.npz: `mu` must be \[F\] and `sigma` \[F, F\]"):
+        fid.reference_stats(tmp_path / "stats.npz", None, "hash")
+    with pytest.raises(UserError, match=r"nowhere: no such FID reference"):
+        fid.reference_stats(tmp_path / "nowhere", None, "hash")
+    with pytest.raises(UserError, match=r"no config.json"):
+        build_scorer("fid", {"model_dir": str(tmp_path), "reference": str(tmp_path / "images.npz")})
+    # The folder id covers names and bytes: renaming or changing an image changes it.
+    (tmp_path / "two").mkdir()
+    save_image(tmp_path / "two" / "a.png", images[0])
+    save_image(tmp_path / "two" / "b.png", images[1])
+    first = fid.image_set_id(tmp_path / "two")
+    (tmp_path / "two" / "b.png").rename(tmp_path / "two" / "c.png")
+    assert fid.image_set_id(tmp_path / "two") != first
