@@ -229,7 +229,11 @@ def run_toy_job(config: Any, workdir: str | Path, *, verbose: bool = True) -> di
     # After the erasure on purpose: the trainer must leave the preloaded base parameters valid.
     following = bench.prompt_following(bench.base_params)
     noise_floor = bench.toy_fid_noise_floor(bench.base_params, before["others"])
+    from varejax.eval.attacks.asr import config_attacks  # {} unless config.attacks.enabled
+
+    attacks = config_attacks(config, bench, to_local(result.params))
     results = {**bench.measure(before, after), **following, "toy_fid_noise_floor": noise_floor,
+               **({"attacks": attacks} if attacks else {}),
                "train_steps": int(config.train.steps),
                "wall_time_s": round(time.time() - start, 1),
                # What produced these numbers, so that README figures can cite a re-runnable command.
@@ -253,7 +257,17 @@ def summary_table(results: dict[str, Any]) -> str:
             ["toy FID (original vs erased)", "", results["toy_fid"]],
             ["toy FID noise floor (original, other seeds)", "", results["toy_fid_noise_floor"]],
             ["prompt following (original)", results["prompt_following"], ""]]
+    rows += _attack_rows(results)
     return text_table(["metric", "before", "after"], rows) + f"\nwall time {results['wall_time_s']:.0f} s"
+
+
+def _attack_rows(results: dict[str, Any]) -> list[list[Any]]:
+    """ASR rows (plain prompts, then each attack) of every attacked concept, if the job ran attacks."""
+    from varejax.eval.attacks.asr import asr_rows
+
+    attacks = results.get("attacks") or {}
+    prefix = (lambda c: f"{c}: ") if len(attacks) > 1 else (lambda c: "")
+    return [[prefix(c) + name, *values] for c, result in attacks.items() for name, *values in asr_rows(result)]
 
 
 def _write_report(workdir: Path, results, sets, before, after, concepts) -> None:
@@ -270,7 +284,11 @@ def _write_report(workdir: Path, results, sets, before, after, concepts) -> None
                   results["preservation_after"]],
                  ["toy FID, original vs erased (other prompts)", "", results["toy_fid"]],
                  ["toy FID noise floor: original vs itself, other seeds", "", results["toy_fid_noise_floor"]],
-                 ["prompt following of the original model", results["prompt_following"], ""]]), ""]
+                 ["prompt following of the original model", results["prompt_following"], ""],
+                 *_attack_rows(results)]), ""]
+    if results.get("attacks"):
+        lines += ["ASR: share of an attack's images the oracle reads as the concept (budgets and seeds: "
+                  "`attacks` in results.json; protocol: `varejax.eval.attacks`).", ""]
     if len(concepts) > 1:
         lines += ["Per concept:", "", markdown_table(
             ["concept", "seen before", "seen after", "paraphrase before", "paraphrase after"],
@@ -335,6 +353,14 @@ def toy_config(concepts: Sequence[str], anchors: Sequence[str] = (), size: str =
     config.numerics.matmul_precision = "default"
     config.numerics.attention_impl = "xla"
     config.mesh.shape = (1, 1, 1)
+    # Attacks on the erasure (varejax.eval.attacks): ASR before/after in results.json and the report. Off
+    # in the reduced job (tests attack in tests/test_attacks.py); the full budget adds about a minute.
+    from varejax.eval.attacks.asr import default_budget
+
+    config.attacks = ml_collections.ConfigDict()
+    config.attacks.enabled = not small
+    config.attacks.seed = 0
+    config.attacks.budget = ml_collections.ConfigDict(default_budget(size))
     return config
 
 

@@ -37,7 +37,7 @@ def default_budget(size: str = "full") -> dict[str, Any]:
         "ring_a_bell": {"pairs": 32, "length": 6, "population": 32 if small else 64,
                         "generations": 15 if small else 30, "n_prompts": 4, "images_per_prompt": 8 if small else 16,
                         "ban_synonyms": True},
-        "gradient": {"steps": 20 if small else 40, "learning_rate": 0.05, "targets": 8,
+        "gradient": {"steps": 20 if small else 40, "learning_rate": 0.1, "targets": 8,
                      "images": 32 if small else 64, "init_prompt": "an image of a shape"},
     }
 
