@@ -189,6 +189,18 @@ def test_bad_input_is_one_line(evaluated, tmp_path, capsys):
         assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "w" / "images").exists()  # nothing sampled
 
+    # Images of a size the scorer cannot take: one line naming the files.
+    from varejax.eval.run import read_rows, score_images
+    from varejax.eval.scorers import build_scorer
+
+    images = tmp_path / "small" / "images"
+    images.mkdir(parents=True)
+    for i in range(2):
+        image_io.save_image(images / f"{i:05d}.png", np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(UserError, match=r"small/images/00000.png ... 00001.png: .*32x32, expected 64x64") as err:
+        score_images(build_scorer("toy_oracle"), images, read_rows(str(csv))[:2], tmp_path / "small" / "s.npz", 8)
+    assert "\n" not in str(err.value)
+
 
 def test_prompt_rows_resolution(tmp_path):
     from varejax.eval.run import image_rows, read_rows

@@ -305,7 +305,10 @@ def score_images(scorer, images_dir, rows: Sequence[Mapping[str, Any]], out_file
         chunk = todo[start:start + int(batch_size)]
         images = _load_images(images_dir, chunk)
         images = check_images(images, f"{images_dir}")
-        values = scorer.score(images, [rows[i] for i in chunk])
+        try:
+            values = scorer.score(images, [rows[i] for i in chunk])
+        except UserError as err:  # e.g. images of a size the scorer cannot take: say which files
+            raise UserError(f"{images_dir}/{chunk[0]:05d}.png ... {chunk[-1]:05d}.png: {err}") from None
         for name, array in values.items():
             array = np.asarray(array)
             if len(array) != len(chunk):
