@@ -348,10 +348,8 @@ def run_eval(config, workdir: str | os.PathLike, command: str | None = None, ver
                      int(config.prompts.seed), int(config.prompts.sample_seed))
     per_image = image_rows(rows, int(config.images_per_prompt))
     plan = [(r["prompt"], int(r["seed"])) for r in per_image]
-    unknown = sorted(set(config.eval.options.keys()) - set(config.eval.scorers))
-    if unknown:
-        raise UserError(f"config.eval.options names {unknown[0]!r}, which is not in config.eval.scorers")
-    # Scorers first: a missing detector or weights file fails before any sampling.
+    # Scorers first: a missing detector or weights file fails before any sampling. (Options of scorers not in
+    # config.eval.scorers are unused: a config's defaults for scorers an override left out.)
     scorers = {name: build_scorer(name, dict(config.eval.options.get(name) or {})) for name in config.eval.scorers}
 
     sampled = sample_images(config, workdir, plan)  # indices of the images sampled now
