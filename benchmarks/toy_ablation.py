@@ -17,7 +17,8 @@ learning rate, batches and evaluation seeds; "no erasure" is the baseline measur
 | concept ablation | KL to the frozen anchor distribution | no |
 
 Writes `ablation.json` and `ablation.md` (one table: erasure rate on seen and paraphrased prompts,
-preservation, toy FID) in the workdir and prints the table. The "no erasure" row's toy FID is the sampling
+preservation, toy FID, and with `config.attacks.enabled` the strongest attack's ASR: see
+`varejax.eval.attacks`) in the workdir and prints the table. The "no erasure" row's toy FID is the sampling
 noise floor: the base model's "others" images against a second sample of the same prompts with other seeds.
 """
 
@@ -47,6 +48,7 @@ VARIANTS = [
 def main() -> None:
     from varejax.configlib import load_config, parse_args
     from varejax.erase.trainer import prepare_erase, run_erase
+    from varejax.eval.attacks.asr import config_attacks, strongest_asr
     from varejax.eval.report import markdown_table, text_table
     from varejax.toy.job import ToyBench, write_pair_files
 
@@ -71,6 +73,12 @@ def main() -> None:
     baseline["toy_fid"] = bench.toy_fid_noise_floor(bench.base_params, before["others"])
     rows.append(["no erasure", baseline["erasure_rate_seen_before"], baseline["erasure_rate_paraphrase_before"],
                  baseline["preservation_before"], baseline["toy_fid"]])
+    # With config.attacks.enabled: the strongest attack's ASR (max over the attacks of varejax.eval.attacks,
+    # mean over concepts), the original model once, then each variant (its own gradient attack).
+    attacks = config_attacks(config, bench, None)
+    if attacks:
+        baseline["attacks"] = attacks
+        rows[-1].append(float(sum(strongest_asr(a, "before") for a in attacks.values()) / len(attacks)))
     records["no erasure"] = baseline
     wanted = {v.strip() for v in args.only.split(",") if v.strip()}
     for name, loss, mode, alpha in VARIANTS:
@@ -88,7 +96,11 @@ def main() -> None:
         records[name] = measured
         rows.append([name, measured["erasure_rate_seen_after"], measured["erasure_rate_paraphrase_after"],
                      measured["preservation_after"], measured["toy_fid"]])
+        if attacks:
+            measured["attacks"] = config_attacks(config, bench, result.params, measure_before=False)
+            rows[-1].append(float(sum(strongest_asr(a) for a in measured["attacks"].values()) / len(attacks)))
     header = ["variant", "erasure rate (seen)", "erasure rate (paraphrase)", "preservation", "toy FID"]
+    header += ["ASR (strongest attack)"] if attacks else []
     (workdir / "ablation.json").write_text(json.dumps({"concepts": bench.concepts, "steps": int(config.train.steps),
                                                        "variants": records,
                                                        "wall_time_s": round(time.time() - start, 1),

@@ -126,3 +126,17 @@ def test_run_attacks_records_budget_seeds_and_prompts(attacked):
                            "attacks": {ATTACK_CONCEPT: attacked}})
     assert all(row[0] in table for row in asr_rows(attacked)) and "Ring-A-Bell" in table
     assert np.isfinite([e["asr_before"] for e in attacked["attacks"].values()]).all()
+
+
+def test_run_attacks_takes_given_prompt_material(bench):
+    from varejax.eval.attacks.asr import AttackBench, AttackPrompts, run_attacks
+
+    with pytest.raises(UserError, match="needs a judge"):
+        run_attacks(AttackBench(pipeline=None, sampling=None, schedule=None), None, None, "nudity")
+    material = AttackPrompts(plain_rows=paraphrase.rows_of(["a love symbol"], 0, 2),
+                             paraphrase_rows=paraphrase.rows_of(["a valentine", "a drawing of a valentine"], 5))
+    result = run_attacks(bench, bench.base_params, None, "heart", attacks=("paraphrase",), material=material)
+    assert result["plain"]["prompts"] == ["a love symbol"] * 2 and result["plain"]["seeds"] == [0, 1]
+    entry = result["attacks"]["paraphrase"]
+    assert entry["prompts"] == ["a valentine", "a drawing of a valentine"] and entry["seeds"] == [5, 6]
+    assert entry["asr_after"] is None and list(result["attacks"]) == ["paraphrase"]

@@ -9,23 +9,55 @@ an attack is worth its name where it rises well above that.
     result = run_attacks(bench, bench.base_params, erased_params, "circle", default_budget("full"), seed=0)
     result["attacks"]["ring_a_bell"]["asr_after"]
 
-`bench` is a `varejax.toy.job.ToyBench` (pipeline, sampling settings, schedule, batch size, oracle). Every
-image set is padded to `TEXT_LENGTH` text rows and `bench.batch` images, so the sampler compiles once.
+`bench` is a `varejax.toy.job.ToyBench` (pipeline, sampling settings, schedule, batch size, oracle), or,
+for a model outside the toy world, an `AttackBench` with a `judge` and the prompt material in
+`AttackPrompts` (paraphrase rows from a file, (with, without) pairs, banned words, concept prompts for the
+gradient targets). Every image set is padded to `TEXT_LENGTH` text rows and `bench.batch` images, so the
+sampler compiles once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from varejax.errors import UserError
 from varejax.eval.attacks import paraphrase, ring_a_bell
 
 TEXT_LENGTH = 16  # text rows of every attack image batch (toy prompts and soft prompts fit; one compile)
 
 ATTACK_NAMES = ("paraphrase", "ring_a_bell", "gradient")
+
+
+@dataclasses.dataclass
+class AttackBench:
+    """What the attacks need of a model outside the toy world: a `Pipeline`, its sampling settings and
+    schedule, and the images per sampler call (a real model's `TEXT_LENGTH` may need raising)."""
+
+    pipeline: Any
+    sampling: Any
+    schedule: Any
+    batch: int = 8
+
+
+@dataclasses.dataclass
+class AttackPrompts:
+    """The attacks' prompt material; a field left None is drawn from the toy world for the concept.
+
+    plain_rows / paraphrase_rows: rows `{case_number, prompt, evaluation_seed}` (`paraphrase.read_prompt_rows`);
+    direction_pairs: (with, without) prompts of the Ring-A-Bell direction; banned: words its prompts may not
+    contain; target_prompts: prompts of the concept whose original images (judged) are the gradient targets.
+    """
+
+    plain_rows: Sequence[Mapping[str, Any]] | None = None
+    paraphrase_rows: Sequence[Mapping[str, Any]] | None = None
+    direction_pairs: Sequence[tuple[str, str]] | None = None
+    banned: Sequence[str] | None = None
+    target_prompts: Sequence[str] | None = None
 
 
 def default_budget(size: str = "full") -> dict[str, Any]:
@@ -88,12 +120,15 @@ def _rates(bench, judge, params_before, params_after, prompts, seeds) -> dict[st
 
 
 def _gradient_attack(bench, judge, params, original, concept: str, budget: Mapping[str, Any], seed: int,
-                     seeds: list[int]) -> dict[str, Any]:
+                     seeds: list[int], target_prompts: Sequence[str] | None) -> dict[str, Any]:
     """Fits a soft prompt against `params` on the original model's concept trajectories; its ASR."""
     from varejax.eval.attacks import gradient
     from varejax.toy import world
 
-    prompts = [p for p, _ in world.concept_prompts(concept, "seen", bench.batch, seed + 7)]
+    if target_prompts is None:
+        prompts = [p for p, _ in world.concept_prompts(concept, "seen", bench.batch, seed + 7)]
+    else:  # one sampler batch of them, repeated to fill it
+        prompts = [target_prompts[i % len(target_prompts)] for i in range(bench.batch)]
     targets = gradient.target_trajectories(bench.pipeline, original, prompts,
                                            [seed + 7 + i for i in range(len(prompts))], bench.sampling,
                                            bench.schedule, judge, TEXT_LENGTH)
@@ -109,11 +144,12 @@ def _gradient_attack(bench, judge, params, original, concept: str, budget: Mappi
 
 def run_attacks(bench: Any, params_before: Any, params_after: Any, concept: str,
                 budget: Mapping[str, Any] | None = None, seed: int = 0, judge=None,
-                attacks: tuple[str, ...] = ATTACK_NAMES, measure_before: bool = True) -> dict[str, Any]:
+                attacks: tuple[str, ...] = ATTACK_NAMES, measure_before: bool = True,
+                material: AttackPrompts | None = None) -> dict[str, Any]:
     """ASR before and after erasure of the plain prompts and of each attack in `attacks`.
 
     Args:
-      bench: a ToyBench (pipeline, sampling, schedule, batch, oracle).
+      bench: a ToyBench (pipeline, sampling, schedule, batch, oracle) or an AttackBench (needs `judge`).
       params_before / params_after: the original and the erased transformer parameters (after None: the
         original only, every "asr_after" None).
       concept: the erased concept ("circle").
@@ -122,6 +158,7 @@ def run_attacks(bench: Any, params_before: Any, params_after: Any, concept: str,
       judge: images -> bool [N] (default: the toy oracle, `toy_judge`).
       measure_before: False skips the original's images (every "asr_before" None; the ablation measures
         the original once); `params_before` still gives the gradient attack's target trajectories.
+      material: the prompt material (`AttackPrompts`); None or None fields: the toy world's, for `concept`.
 
     Returns:
       {"concept", "seed", "budget", "plain": {asr_before, asr_after, n_images, seeds, prompts},
@@ -131,17 +168,21 @@ def run_attacks(bench: Any, params_before: Any, params_after: Any, concept: str,
     full = default_budget("full")
     budget = {key: ({**full[key], **dict(budget[key])} if isinstance(full[key], dict) else budget[key])
               if budget is not None and key in budget else full[key] for key in full}
+    if judge is None and not hasattr(bench, "predict"):
+        raise UserError("run_attacks: a bench without the toy oracle needs a judge (images -> shows the concept)")
     judge = judge or toy_judge(bench, concept)
+    given = material or AttackPrompts()
     out: dict[str, Any] = {"concept": concept, "seed": int(seed), "budget": budget, "attacks": {}}
     original, params_before = params_before, (params_before if measure_before else None)
 
-    rows = paraphrase.toy_neutral_rows(concept, int(budget["plain_prompts"]), seed + 100_000)
+    rows = given.plain_rows or paraphrase.toy_neutral_rows(concept, int(budget["plain_prompts"]), seed + 100_000)
     prompts = [r["prompt"] for r in rows]
     out["plain"] = {**_rates(bench, judge, params_before, params_after, prompts,
                              [r["evaluation_seed"] for r in rows]), "prompts": prompts}
 
     if "paraphrase" in attacks:
-        rows = paraphrase.toy_paraphrase_rows(concept, int(budget["paraphrase_prompts"]), seed + 200_000)
+        rows = given.paraphrase_rows or paraphrase.toy_paraphrase_rows(concept, int(budget["paraphrase_prompts"]),
+                                                                       seed + 200_000)
         prompts = [r["prompt"] for r in rows]
         out["attacks"]["paraphrase"] = {**_rates(bench, judge, params_before, params_after, prompts,
                                                  [r["evaluation_seed"] for r in rows]), "prompts": prompts}
@@ -151,8 +192,8 @@ def run_attacks(bench: Any, params_before: Any, params_after: Any, concept: str,
         config = ring_a_bell.RingABellConfig(length=int(b["length"]), population=int(b["population"]),
                                              generations=int(b["generations"]), n_prompts=int(b["n_prompts"]),
                                              seed=seed + 300_000)
-        banned = paraphrase.toy_banned_words(concept, synonyms=bool(b["ban_synonyms"]))
-        pairs = ring_a_bell.toy_direction_pairs(concept, int(b["pairs"]), seed + 300_000)
+        banned = given.banned or paraphrase.toy_banned_words(concept, synonyms=bool(b["ban_synonyms"]))
+        pairs = given.direction_pairs or ring_a_bell.toy_direction_pairs(concept, int(b["pairs"]), seed + 300_000)
         found = ring_a_bell.ring_a_bell_prompts(bench.pipeline.text_encoder, pairs, banned, config)
         k = int(b["images_per_prompt"])
         prompts = [p for p in found["prompts"] for _ in range(k)]
@@ -164,7 +205,8 @@ def run_attacks(bench: Any, params_before: Any, params_after: Any, concept: str,
     if "gradient" in attacks:
         b = budget["gradient"]
         seeds = [seed + 500_000 + i for i in range(int(b["images"]))]
-        fitted = {when: _gradient_attack(bench, judge, params, original, concept, b, seed + 600_000, seeds)
+        fitted = {when: _gradient_attack(bench, judge, params, original, concept, b, seed + 600_000, seeds,
+                                         given.target_prompts)
                   for when, params in (("before", params_before), ("after", params_after)) if params is not None}
         out["attacks"]["gradient"] = {
             **{f"asr_{when}": fitted[when]["asr"] if when in fitted else None for when in ("before", "after")},
