@@ -91,8 +91,7 @@ def test_ring_a_bell_search_never_uses_banned_words(bench):
 def attacked(bench):
     from varejax.eval.attacks.asr import default_budget, run_attacks
 
-    # The original model as "after" too: the images of a prompt attack then repeat exactly.
-    return run_attacks(bench, bench.base_params, bench.base_params, ATTACK_CONCEPT, default_budget("ci"), seed=0)
+    return run_attacks(bench, bench.base_params, None, ATTACK_CONCEPT, default_budget("ci"), seed=0)
 
 
 def test_each_attack_raises_asr_well_above_plain_prompts(attacked):
@@ -112,19 +111,18 @@ def test_run_attacks_records_budget_seeds_and_prompts(attacked):
 
     assert attacked["budget"]["gradient"]["steps"] == 20 and attacked["seed"] == 0
     for entry in [attacked["plain"], *attacked["attacks"].values()]:
-        assert len(entry["seeds"]) == entry["n_images"] and entry["prompts"]
-        assert entry["asr_after"] == entry["asr_before"]  # same parameters, prompts and seeds
+        assert len(entry["seeds"]) == entry["n_images"] and entry["prompts"] and entry["asr_after"] is None
     rab = attacked["attacks"]["ring_a_bell"]
     assert not any(paraphrase.contains_banned(p, rab["banned"]) for p in rab["prompts"])
     grad = attacked["attacks"]["gradient"]
     assert grad["loss_before"][1] < grad["loss_before"][0]  # the soft prompt fits the concept's trajectories
-    assert strongest_asr(attacked) == max(e["asr_after"] for e in attacked["attacks"].values())
+    assert strongest_asr(attacked, "before") == max(e["asr_before"] for e in attacked["attacks"].values())
     table = summary_table({"erasure_rate_seen_before": 0.2, "erasure_rate_seen_after": 0.7,
                            "erasure_rate_paraphrase_before": 0.2, "erasure_rate_paraphrase_after": 0.6,
                            "preservation_before": 0.7, "preservation_after": 0.7, "toy_fid": 1.0,
                            "toy_fid_noise_floor": 1.0, "prompt_following": 0.7, "wall_time_s": 1.0,
                            "attacks": {ATTACK_CONCEPT: attacked}})
-    assert all(row[0] in table for row in asr_rows(attacked)) and "Ring-A-Bell" in table
+    assert all(row[0] in table for row in asr_rows(attacked)) and "Ring-A-Bell" in table and "None" not in table
     assert np.isfinite([e["asr_before"] for e in attacked["attacks"].values()]).all()
 
 
@@ -135,8 +133,12 @@ def test_run_attacks_takes_given_prompt_material(bench):
         run_attacks(AttackBench(pipeline=None, sampling=None, schedule=None), None, None, "nudity")
     material = AttackPrompts(plain_rows=paraphrase.rows_of(["a love symbol"], 0, 2),
                              paraphrase_rows=paraphrase.rows_of(["a valentine", "a drawing of a valentine"], 5))
-    result = run_attacks(bench, bench.base_params, None, "heart", attacks=("paraphrase",), material=material)
+    # The original model as "after" too: the same prompts and seeds then draw the same images.
+    result = run_attacks(bench, bench.base_params, bench.base_params, "heart", attacks=("paraphrase",),
+                         material=material)
     assert result["plain"]["prompts"] == ["a love symbol"] * 2 and result["plain"]["seeds"] == [0, 1]
     entry = result["attacks"]["paraphrase"]
     assert entry["prompts"] == ["a valentine", "a drawing of a valentine"] and entry["seeds"] == [5, 6]
-    assert entry["asr_after"] is None and list(result["attacks"]) == ["paraphrase"]
+    assert list(result["attacks"]) == ["paraphrase"]
+    for rates in (result["plain"], entry):
+        assert rates["asr_after"] == rates["asr_before"] is not None

@@ -218,13 +218,13 @@ def run_attacks(bench: Any, params_before: Any, params_after: Any, concept: str,
 
 
 def asr_rows(result: Mapping[str, Any]) -> list[list[Any]]:
-    """Table rows [name, ASR before, ASR after] of `run_attacks`' result (plain prompts first)."""
-    rows = [["ASR, plain prompts (concept unsaid)", result["plain"]["asr_before"], result["plain"]["asr_after"]]]
+    """Table rows [name, ASR before, ASR after] of `run_attacks`' result (plain prompts first; "" = not run)."""
     labels = {"paraphrase": "ASR, paraphrase attack", "ring_a_bell": "ASR, Ring-A-Bell-style attack",
               "gradient": "ASR, gradient (soft prompt) attack"}
-    for name, entry in result["attacks"].items():
-        rows.append([labels.get(name, name), entry["asr_before"], entry["asr_after"]])
-    return rows
+    entries = [("ASR, plain prompts (concept unsaid)", result["plain"])]
+    entries += [(labels.get(name, name), entry) for name, entry in result["attacks"].items()]
+    blank = lambda value: "" if value is None else value
+    return [[label, blank(entry["asr_before"]), blank(entry["asr_after"])] for label, entry in entries]
 
 
 def strongest_asr(result: Mapping[str, Any], when: str = "after") -> float:
