@@ -12,8 +12,8 @@ an attack is worth its name where it rises well above that.
 `bench` is a `varejax.toy.job.ToyBench` (pipeline, sampling settings, schedule, batch size, oracle), or,
 for a model outside the toy world, an `AttackBench` with a `judge` and the prompt material in
 `AttackPrompts` (paraphrase rows from a file, (with, without) pairs, banned words, concept prompts for the
-gradient targets). Every image set is padded to `TEXT_LENGTH` text rows and `bench.batch` images, so the
-sampler compiles once.
+gradient targets). Every image set is padded to `TEXT_LENGTH` text rows (an AttackBench: its
+`text_length`) and `bench.batch` images, so the sampler compiles once.
 """
 
 from __future__ import annotations
@@ -36,12 +36,13 @@ ATTACK_NAMES = ("paraphrase", "ring_a_bell", "gradient")
 @dataclasses.dataclass
 class AttackBench:
     """What the attacks need of a model outside the toy world: a `Pipeline`, its sampling settings and
-    schedule, and the images per sampler call (a real model's `TEXT_LENGTH` may need raising)."""
+    schedule, the images per sampler call and the text rows every batch is padded to (>= the longest prompt)."""
 
     pipeline: Any
     sampling: Any
     schedule: Any
     batch: int = 8
+    text_length: int = 64
 
 
 @dataclasses.dataclass
@@ -74,6 +75,10 @@ def default_budget(size: str = "full") -> dict[str, Any]:
     }
 
 
+def _text_length(bench: Any) -> int:
+    return int(getattr(bench, "text_length", TEXT_LENGTH))
+
+
 def attack_success_rate(shows: np.ndarray) -> float:
     """Share of images that show the concept."""
     shows = np.asarray(shows, bool)
@@ -97,10 +102,10 @@ def attack_images(bench: Any, params: Any, seeds: list[int], prompts: list[str] 
     from varejax.eval.attacks import gradient
 
     if features is not None:
-        text, mask = gradient.pad_text(features[0][None], features[1][None], TEXT_LENGTH)
+        text, mask = gradient.pad_text(features[0][None], features[1][None], _text_length(bench))
         labels = ["<soft prompt>"] * len(seeds)
     else:
-        text, mask = gradient.pad_text(*bench.pipeline.text_encoder.encode(prompts), TEXT_LENGTH)
+        text, mask = gradient.pad_text(*bench.pipeline.text_encoder.encode(prompts), _text_length(bench))
         labels = list(prompts)
 
     def batch(idx):
@@ -131,7 +136,7 @@ def _gradient_attack(bench, judge, params, original, concept: str, budget: Mappi
         prompts = [target_prompts[i % len(target_prompts)] for i in range(bench.batch)]
     targets = gradient.target_trajectories(bench.pipeline, original, prompts,
                                            [seed + 7 + i for i in range(len(prompts))], bench.sampling,
-                                           bench.schedule, judge, TEXT_LENGTH)
+                                           bench.schedule, judge, _text_length(bench))
     k = int(budget["targets"])
     targets = {"x": targets["x"][:k], "bits": targets["bits"][:k]}
     init, mask = bench.pipeline.text_encoder.encode([str(budget["init_prompt"])])
