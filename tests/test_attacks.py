@@ -59,10 +59,11 @@ def test_direction_pairs_differ_only_in_the_concept():
 
 def test_toy_configs_gate_the_attacks():
     from varejax.eval.attacks.asr import config_attacks, default_budget
-    from varejax.toy.job import main_job_config
+    from varejax.toy.job import main_job_config, toy_config
 
     full, ci = main_job_config("full"), main_job_config("ci")
     assert full.attacks.enabled and full.attacks.budget.to_dict() == default_budget("full")
+    assert not toy_config(("striped",)).attacks.enabled  # other toy jobs: on request
     assert not ci.attacks.enabled and config_attacks(ci, bench=None, params_after=None) == {}  # nothing run
 
 

@@ -353,12 +353,13 @@ def toy_config(concepts: Sequence[str], anchors: Sequence[str] = (), size: str =
     config.numerics.matmul_precision = "default"
     config.numerics.attention_impl = "xla"
     config.mesh.shape = (1, 1, 1)
-    # Attacks on the erasure (varejax.eval.attacks): ASR before/after in results.json and the report. Off
-    # in the reduced job (tests attack in tests/test_attacks.py); the full budget adds about a minute.
+    # Attacks on the erasure (varejax.eval.attacks): ASR before/after in results.json and the report. On in
+    # the full main job only (`main_job_config`; elsewhere --config.attacks.enabled=True); tests attack in
+    # tests/test_attacks.py. The full budget costs about a minute of CPU time.
     from varejax.eval.attacks.asr import default_budget
 
     config.attacks = ml_collections.ConfigDict()
-    config.attacks.enabled = not small
+    config.attacks.enabled = False
     config.attacks.seed = 0
     config.attacks.budget = ml_collections.ConfigDict(default_budget(size))
     return config
@@ -372,4 +373,6 @@ def main_job_config(size: str = "full"):
     (the oracle reads 28 of 32 as circles at cfg 4, hearts 15 of 32) while its stars are read as circles
     3 times in 32.
     """
-    return toy_config(("circle",), anchors=("star",), size=size)
+    config = toy_config(("circle",), anchors=("star",), size=size)
+    config.attacks.enabled = size == "full"  # ASR of the attacks before/after (varejax.eval.attacks)
+    return config
