@@ -126,6 +126,24 @@ def main_job_block() -> str:
             + _source("benchmarks/results/toy_circle.json"))
 
 
+def attacks_block() -> str:
+    """ASR of each attack before/after the main job's erasure (`attacks` in its results.json)."""
+    data = result("toy_circle")
+    if not data.get("attacks"):
+        raise KeyError("benchmarks/results/toy_circle.json has no `attacks`: re-run the main job (attacks are on in "
+                       "the full config) and --collect it")
+    rows = []
+    for concept, entry in data["attacks"].items():
+        prefix = f"{concept}: " if len(data["attacks"]) > 1 else ""
+        rows.append([prefix + "plain prompts (concept unsaid)", _f3(entry["plain"]["asr_before"]),
+                     _f3(entry["plain"]["asr_after"]), str(entry["plain"].get("n_images", ""))])
+        for name, attack in entry["attacks"].items():
+            rows.append([f"{prefix}{name} attack", _f3(attack["asr_before"]), _f3(attack["asr_after"]),
+                         str(attack.get("n_images", ""))])
+    return (_table(["ASR (share of images showing the concept)", "original", "erased", "images"], rows) + "\n\n"
+            + f"Command: {_command(data)}. " + _source("benchmarks/results/toy_circle.json") + " (`attacks`)")
+
+
 CONFIG_RUNS = (("toy_circle", "`toy_circle.py` (object; anchor star)"),
                ("toy_circle_ci", "`toy_circle.py:ci` (reduced, what CI runs)"),
                ("toy_striped", "`toy_striped.py` (style; anchor plain)"),
@@ -158,7 +176,14 @@ def ablation_block() -> str:
         pres = m.get("preservation_after", m.get("preservation_before"))
         fid = m.get("toy_fid")
         rows.append([name, _f3(seen), _f3(para), _f3(pres), "" if fid is None else f"{fid:.1f}"])
-    return (_table(["variant", "erasure rate (seen)", "erasure rate (paraphrase)", "preservation", "toy FID"], rows)
+        if m.get("attacks"):  # the strongest attack (max over attacks), mean over concepts; "no erasure": original
+            when = "asr_before" if name == "no erasure" else "asr_after"
+            strongest = [max(a[when] for a in entry["attacks"].values()) for entry in m["attacks"].values()]
+            rows[-1].append(_f3(sum(strongest) / len(strongest)))
+    header = ["variant", "erasure rate (seen)", "erasure rate (paraphrase)", "preservation", "toy FID"]
+    if any(m.get("attacks") for m in data["variants"].values()):
+        header.append("ASR (strongest attack)")
+    return (_table(header, rows)
             + "\n\n" + f"{data['steps']} steps each, wall time {data['wall_time_s']:.0f} s. "
             + f"Command: {_command(data)}. " + _source("benchmarks/results/toy_ablation.json"))
 
@@ -266,6 +291,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "toy_world": world_block,
     "toy_base_values": base_values_block,
     "toy_main": main_job_block,
+    "toy_attacks": attacks_block,
     "toy_configs": configs_block,
     "toy_ablation": ablation_block,
     "sweep": sweep_block,

@@ -130,6 +130,7 @@ def check_parity(name, model, cfg, params, tokenizer):
     assert np.abs(want_text).max() > 0.3 and np.ptp(want_logits) > 0.1
 
 
+@pytest.mark.parity
 def test_parity_quick_gelu_through_a_converted_folder(world):
     from varejax.convert.clip import load_clip
     from varejax.models.clip_tokenizer import CLIPTokenizer
@@ -142,6 +143,7 @@ def test_parity_quick_gelu_through_a_converted_folder(world):
     check_parity("quick_gelu", world["model"], cfg, params, tokenizer)
 
 
+@pytest.mark.parity
 def test_parity_gelu_with_legacy_argmax_pooling(world, tmp_path):
     from varejax.models.clip_tokenizer import CLIPTokenizer
 
@@ -175,6 +177,7 @@ def test_presets_have_the_real_sizes():
 
 # ---- tokenizer ------------------------------------------------------------------------------------------
 
+@pytest.mark.parity
 def test_tokenizer_matches_transformers(world, tmp_path):
     import transformers
 
@@ -266,6 +269,7 @@ def test_converter_errors_name_file_and_key(world, tmp_path):
 
 # ---- preprocessing and scorers ---------------------------------------------------------------------------
 
+@pytest.mark.parity
 def test_preprocess_matches_clip_image_processor():
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -345,6 +349,7 @@ def test_zero_shot_accuracies_and_clip_score_on_known_inputs():
     assert summary["clip_score_unclamped"] == pytest.approx(0.0, abs=1e-3) and summary["negative_cosines"] == 1
 
 
+@pytest.mark.parity
 def test_registered_scorers_match_transformers_end_to_end(world):
     import torch
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
