@@ -6,9 +6,9 @@ Layout of a converted (or trained, or erased) model folder:
     DIR/params/       orbax checkpoint of the parameter tree (nested dict, string keys)
     DIR/tokenizer.json  (text encoders only)
 
-`FORMATS` names the kinds of folder (infinity, vae, t5, oracle); `save_model(out, kind, cfg, params)`
-writes one, `read_meta(model_dir, kind)` reads and checks its config.json, and `load_infinity`,
-`load_vae`, `load_t5` return (config, nnx.State). Layering: `varejax.models` (pure modules) <- this
+`FORMATS` names the kinds of folder (infinity, vae, t5, oracle, clip, fid_inception);
+`save_model(out, kind, cfg, params)` writes one, `read_meta(model_dir, kind)` reads and checks its config.json,
+and `load_infinity`, `load_vae`, `load_t5` return (config, nnx.State). Layering: `varejax.models` (pure modules) <- this
 module <- `varejax.convert` (upstream checkpoints -> our folders), the sampler, trainers and the toy world.
 
 A folder is written under a temporary sibling name and renamed at the end, so an interrupted or
@@ -46,12 +46,16 @@ FORMATS = {
     "vae": "varejax-vae/1",
     "t5": "varejax-t5/1",
     "oracle": "varejax-toy-oracle/1",
+    "clip": "varejax-clip/1",
+    "fid_inception": "varejax-fid-inception/1",
 }
 # Who writes each kind, for the message when a folder of another kind is given.
 _WRITERS = {"infinity": "`varejax convert infinity`, `varejax erase` or `varejax toy train`",
             "vae": "`varejax convert vae` or `varejax toy train`",
             "t5": "`varejax convert t5` or `varejax toy train`",
-            "oracle": "`varejax toy train`"}
+            "oracle": "`varejax toy train`",
+            "clip": "`varejax convert clip`",
+            "fid_inception": "`varejax convert inception`"}
 
 
 class ModelDirError(UserError):

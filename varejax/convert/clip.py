@@ -38,13 +38,13 @@ import numpy as np
 
 from varejax import checkpoint
 from varejax.convert import strict
-from varejax.convert.common import ConversionReport, plan_report, storage_dtype
-from varejax.convert.sources import CheckpointError, CheckpointSource, open_checkpoint, sha256_file, source_fingerprint
+from varejax.convert.common import ConversionReport, finish, plan_report
+from varejax.convert.sources import CheckpointError, CheckpointSource, open_checkpoint, sha256_file
 from varejax.convert.strict import BufferRule, KeyRule, conv_to_hwio, transpose_2d
 from varejax.models import clip
 from varejax.paths import require_local
 
-FORMAT = "varejax-clip/1"
+FORMAT = checkpoint.FORMATS["clip"]
 # In order of preference (an HF repo often carries several, plus TF/Flax files that are ignored).
 WEIGHT_CANDIDATES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
                      "pytorch_model.bin")
@@ -217,41 +217,19 @@ def convert_clip(src: str, out: str | None, *, dry_run: bool = False, param_dtyp
     target = (f"CLIP text {cfg.text_layers}x{cfg.text_width}, vision {cfg.vision_layers}x{cfg.vision_width} "
               f"patch {cfg.patch_size} at {cfg.image_size}px, projection {cfg.projection_dim}")
     report = plan_report(src, source, p, target, notes=tuple(notes))
-    if dry_run:
-        report.seconds = time.time() - start
-        return report
-    if out is None:
-        raise ValueError("--out is required unless --dry-run")
-    wrap = None
-    if progress:
-        from tqdm import tqdm
-
-        def wrap(stream):
-            return tqdm(stream, total=report.tensors, desc="converting", unit="tensor")
-
-    flat = strict.load_mapped(source, p, dtype=storage_dtype(param_dtype), progress=wrap)
-    sha = source_fingerprint(source)
-    sha.update({name: sha256_file(path) for name, path in {"config.json": folder / "config.json",
-                                                           **tokenizer_files}.items()})
-    meta = {"format": FORMAT, "model": cfg.to_dict(),
-            "source": {"path": str(src), "layout": source.layout, "tensors": report.tensors, "sha256": sha,
-                       "hf_config": hf},
-            "tokenizer_files": sorted(tokenizer_files)}
-    checkpoint.write_model_dir(out, flat, meta, overwrite=overwrite,
-                               files={name: path for name, path in tokenizer_files.items()})
-    report.out, report.seconds = out, time.time() - start
-    return report
+    config_sha = {name: sha256_file(path) for name, path in {"config.json": folder / "config.json",
+                                                             **tokenizer_files}.items()}
+    return finish("clip", cfg, source, p, report, out=out, dry_run=dry_run, param_dtype=param_dtype,
+                  overwrite=overwrite, progress=progress, start=start,
+                  source_meta={"hf_config": hf, "sha256": config_sha},
+                  extra={"tokenizer_files": sorted(tokenizer_files)}, files=dict(tokenizer_files))
 
 
 # ---- loading a converted folder ---------------------------------------------------------------------
 
 def read_meta(model_dir: str | os.PathLike) -> dict[str, Any]:
     """config.json of a converted CLIP folder; ModelDirError when the folder holds something else."""
-    meta = checkpoint.read_config(model_dir)
-    if meta.get("format") != FORMAT:
-        raise checkpoint.ModelDirError(f"{model_dir}: config.json format is {meta.get('format')!r}, expected "
-                                       f"{FORMAT!r} (a folder written by `varejax convert clip`)")
-    return meta
+    return checkpoint.read_meta(model_dir, "clip")
 
 
 def load_clip(model_dir: str | os.PathLike, **overrides: Any) -> tuple[clip.CLIPConfig, Any]:

@@ -18,17 +18,15 @@ import re
 import time
 from typing import Any
 
-import numpy as np
-
 from varejax import checkpoint
 from varejax.convert import strict
-from varejax.convert.common import ConversionReport, plan_report
+from varejax.convert.common import ConversionReport, finish, plan_report
 from varejax.convert.sources import CheckpointSource, source_fingerprint
 from varejax.convert.torch_legacy import open_torch_file
 from varejax.models import inception
 from varejax.models.state import fill_state, flat_params
 
-FORMAT = "varejax-fid-inception/1"
+FORMAT = checkpoint.FORMATS["fid_inception"]
 EXPECTED_FILE = "pt_inception-2015-12-05-6726825d.pth"
 _LEAF_TO_TORCH = {("conv", "kernel"): "conv.weight", ("bn", "scale"): "bn.weight", ("bn", "bias"): "bn.bias",
                   ("bn", "mean"): "bn.running_mean", ("bn", "var"): "bn.running_var",
@@ -114,29 +112,12 @@ def convert_inception(src: str, out: str | None, *, dry_run: bool = False, param
     p = plan_inception(source, cfg)
     report = plan_report(src, source, p, "the FID Inception (pytorch-fid 0.3.0)",
                          details=(f"{len(p.dropped)} num_batches_tracked checked and dropped",))
-    if dry_run:
-        report.seconds = time.time() - start
-        return report
-    if out is None:
-        raise ValueError("--out is required unless --dry-run")
-    wrap = None
-    if progress:
-        from tqdm import tqdm
-
-        def wrap(stream):
-            return tqdm(stream, total=report.tensors, desc="converting", unit="tensor")
-
-    flat = strict.load_mapped(source, p, dtype=np.float32, progress=wrap)
-    sha = source_fingerprint(source)
-    report.notes = _hash_note(src, next(iter(sha.values())))
-    meta = {"format": FORMAT, "model": cfg.to_dict(),
-            "source": {"path": report.source, "layout": source.layout, "tensors": report.tensors, "sha256": sha},
-            "fid": {"input_size": inception.INPUT_SIZE, "dims": inception.FEATURE_DIMS,
-                    "resize": "bilinear, align_corners=False, antialias=False (torch F.interpolate)",
-                    "normalisation": "2 * (uint8 / 255) - 1", "reference": "pytorch-fid 0.3.0 InceptionV3([3])"}}
-    checkpoint.write_model_dir(out, flat, meta, overwrite=overwrite)
-    report.out, report.seconds = out, time.time() - start
-    return report
+    report.notes = _hash_note(src, next(iter(source_fingerprint(source).values())))
+    fid = {"input_size": inception.INPUT_SIZE, "dims": inception.FEATURE_DIMS,
+           "resize": "bilinear, align_corners=False, antialias=False (torch F.interpolate)",
+           "normalisation": "2 * (uint8 / 255) - 1", "reference": "pytorch-fid 0.3.0 InceptionV3([3])"}
+    return finish("fid_inception", cfg, source, p, report, out=out, dry_run=dry_run, param_dtype=param_dtype,
+                  overwrite=overwrite, progress=progress, start=start, extra={"fid": fid})
 
 
 def model_hash(meta: dict[str, Any]) -> str:
@@ -149,10 +130,7 @@ def load_inception(model_dir: str | os.PathLike) -> tuple[inception.InceptionCon
 
     Raises ModelDirError naming the folder when it is missing, of another kind, or incomplete.
     """
-    meta = checkpoint.read_config(model_dir)
-    if meta.get("format") != FORMAT:
-        raise checkpoint.ModelDirError(f"{model_dir}: config.json format is {meta.get('format')!r}, expected "
-                                       f"{FORMAT!r} (a folder written by `varejax convert inception`)")
+    meta = checkpoint.read_meta(model_dir, "fid_inception")
     cfg = inception.InceptionConfig.from_dict(meta["model"])
     flat = checkpoint.restore_flat(model_dir)
     try:
