@@ -305,6 +305,22 @@ def test_tfds_prompt_rows_round_trip(tiny_coco):
     assert "tensorflow" not in sys.modules  # written and read without TensorFlow
 
 
+def test_eval_stage_reads_a_tfds_prompt_source(tiny_coco):
+    """config.prompts.file as a TFDS mapping (a ConfigDict, as configs give it): `varejax eval`'s reader and the
+    record results.json keeps of it (its fields, not a path)."""
+    import ml_collections
+
+    from varejax.eval.run import prompt_source_record, read_rows
+
+    spec = ml_collections.ConfigDict({"tfds": "tiny_coco", "split": "val[:3]", "data_dir": tiny_coco["data_dir"],
+                                      "seed": 9})
+    rows = read_rows(spec, limit=2)
+    assert [(r["case_number"], r["prompt"], r["seed"]) for r in rows] == [(0, "first caption 0", 9),
+                                                                          (1, "first caption 1", 10)]
+    record = prompt_source_record(spec)
+    assert (record["kind"], record["tfds"], record["split"], record["seed"]) == ("tfds", "tiny_coco", "val[:3]", 9)
+
+
 def test_tfds_images_round_trip(tiny_coco):
     spec = {"tfds": "tiny_coco", "split": "val", "data_dir": tiny_coco["data_dir"], "image_field": "image"}
     images = tiny_coco["images"]

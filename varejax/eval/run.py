@@ -7,8 +7,8 @@
 Steps (`run_eval`):
 
 1. the prompt file's rows (CSV / JSONL in the ESD / UCE / MACE layout: `case_number, prompt, evaluation_seed,
-   ...`), `config.prompts.limit` of them; each row gives `images_per_prompt` images, seeds
-   evaluation_seed + k;
+   ...`, or a TFDS mapping: `varejax.data.sources`), `config.prompts.limit` of them; each row gives
+   `images_per_prompt` images, seeds evaluation_seed + k;
 2. images with `varejax.sample.pipeline.run_sampling` (images/NNNNN.png + a JSON record each, batched
    over the mesh's devices; on several processes every process samples, process 0 writes). Images already
    written are kept: a resumed run samples only the missing ones, and refuses a workdir whose records were
@@ -17,13 +17,12 @@ Steps (`run_eval`):
    values in scores/<scorer>.npz, extended batch by batch (a resumed run scores only images not yet scored;
    a scorer whose settings changed starts over);
 4. each scorer's summary of every image; results.json (the summaries and every setting: model folders and
-   hashes, deltas, sampling, the prompt file and its sha256, scorer settings, seeds, command line,
-   versions) and report.md / report.html (tables, an image grid with its prompts, a bar chart per scorer).
+   hashes, deltas, sampling, the prompt file and its sha256 or the TFDS fields, scorer settings, seeds, command
+   line, versions) and report.md / report.html (tables, an image grid with its prompts, a bar chart per scorer).
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import html
 import json
@@ -46,13 +45,13 @@ RESULTS_FORMAT = "varejax-eval/1"
 
 # ---- config ------------------------------------------------------------------------------------------
 
-def base_config(task: str, prompt_file: str, scorers: Mapping[str, Mapping[str, Any]], *,
+def base_config(task: str, prompt_file: str | Mapping[str, Any], scorers: Mapping[str, Mapping[str, Any]], *,
                 model: Mapping[str, str] | None = None, arch: str = "2b"):
     """The config of an eval task (what configs/eval_*.py start from).
 
     Args:
       task: the task's name (results of one task compare with each other).
-      prompt_file: its prompt file (CSV or JSONL).
+      prompt_file: its prompt file (CSV or JSONL), or a TFDS mapping (`varejax.data.sources.TfdsSource` fields).
       scorers: scorer name -> its options (`config.eval.options.<name>`).
       model: infinity / vae / t5 folders (default: models/infinity_2b, models/vae_d32, models/flan_t5_xl).
       arch: sampling defaults of `varejax.sample.defaults` ("2b", "8b", "toy").
@@ -101,58 +100,35 @@ def base_config(task: str, prompt_file: str, scorers: Mapping[str, Mapping[str, 
 
 # ---- prompt rows -------------------------------------------------------------------------------------
 
-def read_rows(path: str, limit: int = 0, required: Sequence[str] = (), default_seed: int | None = 0,
+def read_rows(source: Any, limit: int = 0, required: Sequence[str] = (), default_seed: int | None = 0,
               sample_seed: int = -1) -> list[dict]:
-    """The rows of a prompt file as dicts with `prompt`, `seed` (int), `case_number` and the file's other columns.
+    """The rows of a prompt source as dicts with `prompt`, `seed` (int), `case_number` and the source's other columns.
 
-    `varejax.data.sources.read_prompt_rows` reads them (CSV / JSONL in the ESD / UCE layout; `limit` rows, the
-    first ones or, with `sample_seed` >= 0, drawn at random; rows of a file without a seed column get
+    `source` is a prompt file (CSV / JSONL in the ESD / UCE layout) or a TFDS mapping (a dict or ConfigDict with
+    a `tfds` key, `varejax.data.sources.TfdsSource`). `varejax.data.sources.read_prompt_rows` reads it (`limit`
+    rows, the first ones or, with `sample_seed` >= 0, drawn at random; rows of a file without a seed column get
     default_seed + row number). A one-line UserError names the file for a missing file, column or bad seed.
     """
-    if not path:
-        raise UserError("config.prompts.file is empty: give the task's prompt file (CSV or JSONL)")
-    if not as_path(path).exists():
-        raise UserError(f"prompt file {path} not found")
-    try:
-        from varejax.data.sources import read_prompt_rows
-    except ImportError:  # the minimal reader below, until varejax.data.sources is installed
-        return _read_rows_minimal(path, limit, required, default_seed)
-    rows = read_prompt_rows(path, count=int(limit) or None, sample_seed=None if sample_seed < 0 else sample_seed,
+    from varejax.data.sources import TfdsSource, read_prompt_rows
+
+    if TfdsSource.parse(source) is None and (not source or isinstance(source, str | os.PathLike)):
+        if not source:
+            raise UserError("config.prompts.file is empty: give the task's prompt file (CSV or JSONL) or a TFDS "
+                            "mapping")
+        if not as_path(source).exists():
+            raise UserError(f"prompt file {source} not found")
+    return read_prompt_rows(source, count=int(limit) or None, sample_seed=None if sample_seed < 0 else sample_seed,
                             require=tuple(required), default_seed=default_seed)
-    if not rows:
-        raise UserError(f"prompt file {path} has no rows")
-    return rows
 
 
-def _read_rows_minimal(path: str, limit: int, required: Sequence[str], default_seed: int | None) -> list[dict]:
-    rows = _read_table(path)
-    if not rows:
-        raise UserError(f"prompt file {path} has no rows")
-    missing = [c for c in ("prompt", *required) if c not in rows[0]]
-    if missing:
-        raise UserError(f"prompt file {path} has no column {missing[0]!r} (columns: {', '.join(rows[0])})")
-    out = []
-    for i, row in enumerate(rows[:int(limit)] if limit else rows):
-        seed = row.get("evaluation_seed", row.get("seed"))
-        try:
-            seed = int(default_seed or 0) + i if seed is None or str(seed).strip() == "" else int(float(seed))
-        except ValueError:
-            raise UserError(f"prompt file {path}, row {i + 1}: seed {seed!r} is not a number") from None
-        case = row.get("case_number")
-        out.append({**row, "prompt": str(row["prompt"]), "seed": seed,
-                    "case_number": i if case is None or str(case).strip() == "" else case})
-    return out
+def prompt_source_record(source: Any) -> dict[str, Any]:
+    """How results.json names the prompt source: a file's real path and sha256, or a TFDS source's fields."""
+    from varejax.data.sources import source_record
 
-
-def _read_table(path: str) -> list[dict]:
-    """A CSV (or, by extension, JSONL) file as a list of dicts (the stand-in for varejax.data.sources)."""
-    text = as_path(path).read_text()
-    if str(path).endswith((".jsonl", ".json")):
-        try:
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as err:
-            raise UserError(f"prompt file {path}: not JSON lines ({err})") from None
-    return list(csv.DictReader(text.splitlines()))
+    record = source_record(source)
+    if record["kind"] == "file":  # the keys results files have always had
+        return {"file": os.path.realpath(record["path"]), "sha256": record["sha256"]}
+    return record
 
 
 def image_rows(rows: Sequence[Mapping[str, Any]], images_per_prompt: int) -> list[dict]:
@@ -162,10 +138,6 @@ def image_rows(rows: Sequence[Mapping[str, Any]], images_per_prompt: int) -> lis
         for k in range(int(images_per_prompt)):
             out.append({**row, "seed": int(row["seed"]) + k, "image_index": len(out)})
     return out
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    return hashlib.sha256(as_path(path).read_bytes()).hexdigest()
 
 
 # ---- sampling ----------------------------------------------------------------------------------------
@@ -382,15 +354,16 @@ def settings_record(config, scorers: Mapping[str, Any], per_image: Sequence[Mapp
     import jax
 
     import varejax
+    from varejax.data.sources import source_record
     from varejax.sample.pipeline import model_hash, sampling_from_config
 
     models = {name: {"path": os.path.realpath(config.model[name]), "hash": model_hash(config.model[name])}
               for name in ("infinity", "vae", "t5")}
-    deltas = [{"path": os.path.realpath(p), "file_sha256": file_sha256(p)} for p in config.model.delta]
+    deltas = [{"path": os.path.realpath(p), "file_sha256": source_record(p)["sha256"]} for p in config.model.delta]
     sampling = sampling_from_config(config.sampling)
     return {
         "models": models, "delta": deltas, "force_delta": bool(config.model.force_delta),
-        "prompts": {"file": os.path.realpath(config.prompts.file), "sha256": file_sha256(config.prompts.file),
+        "prompts": {**prompt_source_record(config.prompts.file),
                     "limit": int(config.prompts.limit), "rows": len(per_image) // max(1, config.images_per_prompt)},
         "sampling": {"guidance": list(sampling.guidance), "tau": list(sampling.tau), "top_k": sampling.top_k,
                      "top_p": sampling.top_p, "greedy": sampling.greedy, "negative_prompt": config.negative_prompt,
@@ -563,8 +536,9 @@ def write_report(workdir, results: Mapping[str, Any], per_image: Sequence[Mappin
     models = ", ".join(f"{k} {v['hash']}" for k, v in settings["models"].items())
     prompts = settings["prompts"]
     deltas = f"; deltas {', '.join(d['path'] for d in settings['delta'])}" if settings["delta"] else ""
-    page.text(f"{len(per_image)} images of {prompts['file']} (sha256 {prompts['sha256'][:16]}); models {models}"
-              f"{deltas}. Command: {settings['command']}")
+    source = (f"{prompts['file']} (sha256 {prompts['sha256'][:16]})" if "file" in prompts else
+              f"TFDS {prompts.get('tfds')} split {prompts.get('split')}")
+    page.text(f"{len(per_image)} images of {source}; models {models}{deltas}. Command: {settings['command']}")
     for name, summary in results["summary"].items():
         metrics = flat_metrics(summary)
         page.heading(f"Scorer {name}")
