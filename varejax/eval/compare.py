@@ -21,7 +21,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from varejax.errors import UserError
-from varejax.eval.run import RESULTS_FILE, Page, bar_chart, flat_metrics
+from varejax.eval.report import Page, bar_chart, scatter_plot
+from varejax.eval.run import RESULTS_FILE, flat_metrics
 from varejax.paths import as_path
 
 # Figures plotted against erasure, in order of preference (the first one every run has).
@@ -108,8 +109,6 @@ def _scatter_axes(metrics: Sequence[str], table: Mapping[str, Mapping[str, float
 
 def compare(dirs: Sequence[str], out: str | os.PathLike | None = None, names: Sequence[str] | None = None):
     """Writes compare.md / compare.html and figures/compare_*.png (module doc) in `out`; returns `out`."""
-    from varejax.eval.report import scatter_plot
-
     if len(dirs) < 2:
         raise UserError("give at least two eval workdirs to compare")
     columns = run_names(dirs, names)

@@ -1,20 +1,24 @@
-"""Run reports: a Markdown page with tables, image grids and a loss plot (PNG, drawn with Pillow).
+"""Run reports: pages with tables, image grids and plots (PNG, drawn with Pillow), as Markdown and HTML.
 
 No plotting library is needed: `line_plot` draws axes, ticks and one polyline per series; `scatter_plot` draws
-panels of points (one colour and marker per series) with a Pareto front marked.
+panels of points (one colour and marker per series) with a Pareto front marked; `bar_chart` draws panels of
+labelled horizontal bars. `Page` collects headings, text, tables and images and writes them as both .md and
+.html; `add_metrics` and `add_image_grid` add the sections `varejax eval` and `varejax compare` share.
 """
 
 from __future__ import annotations
 
+import html
 import math
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from etils import epath
 
 from varejax.images import write_pil
-from varejax.paths import as_path
+from varejax.paths import as_path, write_text_atomic
 
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
 
@@ -240,3 +244,140 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# ---- pages: Markdown and HTML from the same blocks ----------------------------------------------------
+
+class Page:
+    """A report as blocks (headings, text, tables, images) written both as Markdown and as HTML."""
+
+    def __init__(self, title: str):
+        self.title = title
+        self.blocks: list[tuple[str, Any]] = []
+
+    def heading(self, text: str) -> None:
+        self.blocks.append(("h2", text))
+
+    def text(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def table(self, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+        self.blocks.append(("table", (list(header), [list(r) for r in rows])))
+
+    def image(self, src: str, alt: str) -> None:
+        self.blocks.append(("img", (src, alt)))
+
+    def markdown(self) -> str:
+        lines = [f"# {self.title}", ""]
+        for kind, body in self.blocks:
+            if kind == "h2":
+                lines += [f"## {body}", ""]
+            elif kind == "p":
+                lines += [body, ""]
+            elif kind == "table":
+                lines += [markdown_table(*body), ""]
+            else:
+                lines += [f"![{body[1]}]({body[0]})", ""]
+        return "\n".join(lines)
+
+    def html(self) -> str:
+        def cell(value: object) -> str:
+            return html.escape(f"{value:.3f}" if isinstance(value, float) else str(value))
+
+        parts = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\">", f"<title>{html.escape(self.title)}</title>",
+                 "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+                 "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}img{max-width:100%}</style>",
+                 "</head><body>", f"<h1>{html.escape(self.title)}</h1>"]
+        for kind, body in self.blocks:
+            if kind == "h2":
+                parts.append(f"<h2>{html.escape(body)}</h2>")
+            elif kind == "p":
+                parts.append(f"<p>{html.escape(body)}</p>")
+            elif kind == "table":
+                header, rows = body
+                parts.append("<table><tr>" + "".join(f"<th>{cell(h)}</th>" for h in header) + "</tr>")
+                parts += ["<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows]
+                parts.append("</table>")
+            else:
+                parts.append(f"<p><img src=\"{html.escape(body[0])}\" alt=\"{html.escape(body[1])}\"></p>")
+        parts.append("</body></html>")
+        return "\n".join(parts) + "\n"
+
+    def write(self, folder, stem: str) -> None:
+        write_text_atomic(as_path(folder) / f"{stem}.md", self.markdown())
+        write_text_atomic(as_path(folder) / f"{stem}.html", self.html())
+
+
+def bar_chart(panels: Mapping[str, Mapping[str, float]], path, *, width: int = 480, columns: int = 2):
+    """Horizontal bar charts, one panel per key of `panels` ({title: {bar label: value}}), in one PNG: a bar per
+    label with its value written next to it (long metric names stay readable)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=12)
+    columns = max(1, min(columns, len(panels)))
+    row_h, label_w = 18, min(220, 8 + max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(str(label), font))
+                                          for bars in panels.values() for label in bars))
+    height = 44 + row_h * max(len(bars) for bars in panels.values()) + 18
+    canvas = Image.new("RGB", (columns * width, math.ceil(len(panels) / columns) * height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for p, (title, bars) in enumerate(panels.items()):
+        ox, oy = (p % columns) * width, (p // columns) * height
+        left, right, top = ox + label_w + 6, ox + width - 56, oy + 26
+        bottom = top + row_h * len(bars) + 4
+        values = [v for v in bars.values() if math.isfinite(v)]
+        low, high = min([0.0, *values]), max([0.0, *values])
+        high = high if high > low else low + 1.0
+        ticks, decimals = nice_ticks(low, high, 4)
+        low, high = min(low, ticks[0]), max(high, ticks[-1])
+        sx = lambda v, lo=low, hi=high, a=left, b=right: a + (v - lo) / (hi - lo) * (b - a)
+        draw.text((ox + 6, oy + 6), title, fill="black", font=font)
+        for tick in ticks:
+            draw.line([(sx(tick), top), (sx(tick), bottom)], fill=(225, 225, 225))
+            draw.text((sx(tick) - 8, bottom + 2), f"{tick:.{decimals}f}", fill="black", font=font)
+        for k, (label, value) in enumerate(bars.items()):
+            y = top + 2 + row_h * k
+            text = str(label)
+            while text and draw.textlength(text, font=font) > label_w - 8:
+                text = text[1:]  # keep the end of a long metric path: its most specific part
+            draw.text((ox + 4, y + 2), text, fill="black", font=font)
+            if math.isfinite(value):
+                x0, x1 = sorted((sx(0.0), sx(value)))
+                draw.rectangle([x0, y + 2, max(x1, x0 + 1), y + row_h - 3], fill=PALETTE[k % len(PALETTE)])
+                draw.text((max(sx(0.0), sx(value)) + 4, y + 2), f"{value:.4g}", fill="black", font=font)
+        draw.line([(sx(0.0), top), (sx(0.0), bottom)], fill="black")
+    write_pil(as_path(path), canvas)
+    return as_path(path)
+
+
+def thumbnails(images: np.ndarray, longest: int = 128) -> np.ndarray:
+    """Images shrunk so that their longer side is at most `longest` (grids of 1024 px images stay small)."""
+    from PIL import Image
+
+    h, w = images.shape[1:3]
+    if max(h, w) <= longest:
+        return images
+    size = (max(1, round(w * longest / max(h, w))), max(1, round(h * longest / max(h, w))))
+    return np.stack([np.asarray(Image.fromarray(im).resize(size, Image.BILINEAR)) for im in images])
+
+
+def add_metrics(page: Page, heading: str, metrics: Mapping[str, float], folder, figure: str, *,
+                title: str = "") -> None:
+    """A section of `page`: a metric / value table and, when it has two or more metrics besides counts (`n`), a
+    bar chart of them written to `folder`/`figure` (a path relative to the page)."""
+    page.heading(heading)
+    page.table(["metric", "value"], [[k, v] for k, v in metrics.items()])
+    shown = {k: v for k, v in metrics.items() if k != "n" and not k.endswith("/n")}
+    if len(shown) >= 2:
+        bar_chart({title or heading: shown}, as_path(folder) / figure, width=640)
+        page.image(figure, f"{title or heading} metrics")
+
+
+def add_image_grid(page: Page, heading: str, images: np.ndarray, labels: Sequence[str], folder, figure: str, *,
+                   columns: int = 8, alt: str = "images") -> None:
+    """A section of `page`: `images` (uint8 [N, H, W, 3]) as thumbnails in a labelled grid written to
+    `folder`/`figure` (a path relative to the page); small images are drawn at twice their size."""
+    images = thumbnails(images)
+    scale = 2 if max(images.shape[1:3]) <= 64 else 1
+    labelled_grid(images, labels, min(int(columns), len(images)), as_path(folder) / figure, scale=scale)
+    page.heading(heading)
+    page.image(figure, alt)
