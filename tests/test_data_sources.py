@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from varejax.data import sources
+from varejax.data import sources, tfds_source
 from varejax.data.sources import iter_images, read_images, read_prompt_rows
 from varejax.errors import UserError
 from varejax.images import preprocess, to_float
@@ -263,7 +263,7 @@ def test_source_records_change_with_the_data(tmp_path):
 
 
 def test_importing_sources_leaves_tfds_unimported():
-    code = "import sys, varejax.data.sources; print('tensorflow_datasets' in sys.modules)"
+    code = "import sys, varejax.data.sources, varejax.data.tfds_source; print('tensorflow_datasets' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert result.stdout.strip() == "False"
 
@@ -284,7 +284,7 @@ def tiny_coco(tmp_path_factory):
     examples = [{"image": image, "image/id": 1000 + 7 * i, "image/filename": f"{i:012d}.jpg",
                  "captions": {"text": [f"first caption {i}"] + [f"other caption {i}.{k}" for k in range(4)]}}
                 for i, image in enumerate(images)]
-    folder = sources.write_tfds_dataset("tiny_coco", data_dir, features, {"val": examples, "train": examples[:2]})
+    folder = tfds_source.write_tfds_dataset("tiny_coco", data_dir, features, {"val": examples, "train": examples[:2]})
     assert os.path.exists(folder)
     return {"data_dir": str(data_dir), "images": images}
 
@@ -302,6 +302,8 @@ def test_tfds_prompt_rows_round_trip(tiny_coco):
     plain = read_prompt_rows({"tfds": "tiny_coco", "split": "train", "data_dir": tiny_coco["data_dir"]})
     assert [(r["case_number"], r["seed"]) for r in plain] == [(0, 0), (1, 1)]
     one_line_error(lambda: read_prompt_rows(spec, require=("class",)), "tiny_coco", "'class'")
+    # The names sources.py re-exports from tfds_source.py (older imports keep working).
+    assert sources.TfdsSource is tfds_source.TfdsSource and sources.write_tfds_dataset is tfds_source.write_tfds_dataset
     assert "tensorflow" not in sys.modules  # written and read without TensorFlow
 
 

@@ -108,7 +108,8 @@ def read_rows(source: Any, limit: int = 0, required: Sequence[str] = (), default
     rows, the first ones or, with `sample_seed` >= 0, drawn at random; rows of a file without a seed column get
     default_seed + row number). A one-line UserError names the file for a missing file, column or bad seed.
     """
-    from varejax.data.sources import TfdsSource, read_prompt_rows
+    from varejax.data.sources import read_prompt_rows
+    from varejax.data.tfds_source import TfdsSource
 
     if TfdsSource.parse(source) is None and (not source or isinstance(source, str | os.PathLike)):
         if not source:
