@@ -50,7 +50,7 @@ def base_config(task: str, prompt_file: str | Mapping[str, Any], scorers: Mappin
 
     Args:
       task: the task's name (results of one task compare with each other).
-      prompt_file: its prompt file (CSV or JSONL), or a TFDS mapping (`varejax.data.sources.TfdsSource` fields).
+      prompt_file: its prompt file (CSV or JSONL), or a TFDS mapping (`varejax.data.tfds_source.TfdsSource` fields).
       scorers: scorer name -> its options (`config.eval.options.<name>`).
       model: infinity / vae / t5 folders (default: models/infinity_2b, models/vae_d32, models/flan_t5_xl).
       arch: sampling defaults of `varejax.sample.defaults` ("2b", "8b", "toy").
@@ -104,7 +104,7 @@ def read_rows(source: Any, limit: int = 0, required: Sequence[str] = (), default
     """The rows of a prompt source as dicts with `prompt`, `seed` (int), `case_number` and the source's other columns.
 
     `source` is a prompt file (CSV / JSONL in the ESD / UCE layout) or a TFDS mapping (a dict or ConfigDict with
-    a `tfds` key, `varejax.data.sources.TfdsSource`). `varejax.data.sources.read_prompt_rows` reads it (`limit`
+    a `tfds` key, `varejax.data.tfds_source.TfdsSource`). `varejax.data.sources.read_prompt_rows` reads it (`limit`
     rows, the first ones or, with `sample_seed` >= 0, drawn at random; rows of a file without a seed column get
     default_seed + row number). A one-line UserError names the file for a missing file, column or bad seed.
     """
