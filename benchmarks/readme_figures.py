@@ -254,6 +254,11 @@ PARITY_HEADLINE = (
     "svare_tiny/case1/loss_fce", "svare_tiny/case1/grad_fce", "svare_tiny/case1/grad_pre",
     "svare_tiny/lr_default/logits_pre", "svare_tiny/lr_1e_3/logits_pre", "svare_tiny/lr_default/params",
     "svare_tiny/lr_default/params_beyond_strict_bound",
+    "fid_inception/fid/pool3", "fid_inception/fid/pool3_fp64", "fid_inception/fid/input299_crops",
+    "fid_inception/fid/case_img_shift", "fid_inception/fid/scorer_given_paths",
+    "clip/quick_gelu/image_embeds", "clip/quick_gelu/text_embeds", "clip/gelu_legacy_eos/logits_per_image",
+    "clip/clip_score_pipeline/cosine", "clip/preprocess/300x200",
+    "nudity/scores_vs_nudedetector/face_085.png",
 )
 
 
