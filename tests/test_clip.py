@@ -105,7 +105,8 @@ def torch_features(model, ids, mask, pixels_nhwc):
 def params_of(folder: Path):
     """(cfg, params) of an HF folder straight through the converter's plan (no model folder written)."""
     from varejax.convert import strict
-    from varejax.convert.clip import find_weights, plan_clip, read_hf_config
+    from varejax.convert.clip import plan_clip, read_hf_config
+    from varejax.convert.common import find_weights
     from varejax.convert.sources import open_checkpoint
     from varejax.models import clip
 

@@ -101,8 +101,8 @@ def test_folder_with_both_formats_prefers_safetensors(encoder, hf_folder, tmp_pa
     code, out, err = _run(["convert", "t5", "--src", str(hf_folder), "--dry-run"], capsys)
     assert code == 0, err
     assert "(sharded)" in out
+    from varejax.convert.common import find_weights
     from varejax.convert.sources import open_checkpoint
-    from varejax.convert.t5 import find_weights
     assert find_weights(hf_folder).name == "model.safetensors.index.json"
     assert all(f.endswith((".safetensors", ".index.json")) for f in open_checkpoint(find_weights(hf_folder)).files)
 

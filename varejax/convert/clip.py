@@ -38,16 +38,12 @@ import numpy as np
 
 from varejax import checkpoint
 from varejax.convert import strict
-from varejax.convert.common import ConversionReport, finish, plan_report
-from varejax.convert.sources import CheckpointError, CheckpointSource, open_checkpoint, sha256_file
+from varejax.convert.common import ConversionReport, finish, open_hf_folder, plan_report
+from varejax.convert.sources import CheckpointError, CheckpointSource, sha256_file
 from varejax.convert.strict import BufferRule, KeyRule, conv_to_hwio, transpose_2d
 from varejax.models import clip
-from varejax.paths import require_local
 
 FORMAT = checkpoint.FORMATS["clip"]
-# In order of preference (an HF repo often carries several, plus TF/Flax files that are ignored).
-WEIGHT_CANDIDATES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
-                     "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -154,16 +150,6 @@ def read_hf_config(folder: Path, **overrides: Any) -> tuple[clip.CLIPConfig, dic
         raise CheckpointError(f"{path}: {err}") from None
 
 
-def find_weights(folder: Path) -> Path:
-    """The weights file (or shard index) of an HF folder, by WEIGHT_CANDIDATES preference."""
-    for name in WEIGHT_CANDIDATES:
-        if (folder / name).is_file():
-            return folder / name
-    others = sorted(p.name for p in folder.iterdir() if p.is_file())
-    raise CheckpointError(f"{folder}: no PyTorch/safetensors weights; expected one of {list(WEIGHT_CANDIDATES)}, "
-                          f"found {others}")
-
-
 def _explain(p: strict.Plan, source: str, cfg: clip.CLIPConfig) -> str:
     lines = [f"{source} does not match the CLIP model its config.json describes (text {cfg.text_layers} layers x "
              f"{cfg.text_width}, vision {cfg.vision_layers} layers x {cfg.vision_width}, patch {cfg.patch_size}, "
@@ -200,12 +186,8 @@ def convert_clip(src: str, out: str | None, *, dry_run: bool = False, param_dtyp
         match the config.
     """
     start = time.time()
-    folder = Path(require_local(src, "an HF CLIP folder is read with torch.load / safetensors, which open local "
-                                     "files only"))
-    if not folder.is_dir():
-        raise CheckpointError(f"{src}: not a folder; --src must be a local HF CLIP folder (config.json and weights)")
+    folder, source = open_hf_folder(src, "CLIP")
     cfg, hf = read_hf_config(folder, param_dtype=param_dtype)
-    source = open_checkpoint(find_weights(folder))
     p = plan_clip(source, cfg)
     tokenizer_files = {name: folder / name for name in TOKENIZER_FILES if (folder / name).is_file()}
     notes = []

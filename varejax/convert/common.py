@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from varejax import checkpoint
 from varejax.convert import strict
-from varejax.convert.sources import CheckpointSource, source_fingerprint
+from varejax.convert.sources import CheckpointError, CheckpointSource, open_checkpoint, source_fingerprint
 
 
 @dataclasses.dataclass
@@ -91,3 +92,33 @@ def finish(kind: str, cfg: Any, source: CheckpointSource, p: strict.Plan, report
     checkpoint.save_model(out, kind, cfg, flat, source=record, extra=extra, files=files, overwrite=overwrite)
     report.out, report.seconds = out, time.time() - start
     return report
+
+
+# ---- HF folders (T5, CLIP) ------------------------------------------------------------------------------
+
+# In order of preference; an HF repo often carries several of them (and TF/Flax files, ignored).
+WEIGHT_CANDIDATES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                     "pytorch_model.bin")
+
+
+def find_weights(folder: Path) -> Path:
+    """The weights file (or shard index) of an HF folder, by WEIGHT_CANDIDATES preference."""
+    for name in WEIGHT_CANDIDATES:
+        if (folder / name).is_file():
+            return folder / name
+    others = sorted(p.name for p in folder.iterdir() if p.is_file())
+    raise CheckpointError(f"{folder}: no PyTorch/safetensors weights; expected one of {list(WEIGHT_CANDIDATES)}, "
+                          f"found {others}")
+
+
+def open_hf_folder(src: str, model: str) -> tuple[Path, CheckpointSource]:
+    """(folder, its weights opened lazily) of a local HF `model` folder ("T5", "CLIP"); one-line errors when `src`
+    is remote, not a folder, or holds no weights."""
+    from varejax.paths import require_local
+
+    folder = Path(require_local(src, f"an HF {model} folder is read with torch.load / safetensors, which open "
+                                     f"local files only"))
+    if not folder.is_dir():
+        raise CheckpointError(f"{src}: not a folder; --src must be a local HF {model} folder (config.json and "
+                              f"weights)")
+    return folder, open_checkpoint(find_weights(folder))

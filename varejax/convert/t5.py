@@ -22,15 +22,10 @@ import numpy as np
 
 from varejax.checkpoint import TOKENIZER_FILE
 from varejax.convert import strict
-from varejax.convert.common import ConversionReport, finish, plan_report
-from varejax.convert.sources import CheckpointError, CheckpointSource, open_checkpoint, sha256_file
+from varejax.convert.common import ConversionReport, finish, open_hf_folder, plan_report
+from varejax.convert.sources import CheckpointError, CheckpointSource, sha256_file
 from varejax.convert.t5_keys import DROPPED_PREFIXES, t5_rules
 from varejax.models.t5 import T5Config
-from varejax.paths import require_local
-
-# In order of preference; an HF repo often carries several of them (and TF/Flax files, ignored).
-WEIGHT_CANDIDATES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
-                     "pytorch_model.bin")
 
 
 def read_hf_config(folder: Path, **overrides: Any) -> tuple[T5Config, dict[str, Any]]:
@@ -49,16 +44,6 @@ def read_hf_config(folder: Path, **overrides: Any) -> tuple[T5Config, dict[str, 
         return T5Config.from_hf_config(hf, **overrides), hf
     except ValueError as err:
         raise CheckpointError(f"{path}: {err}") from None
-
-
-def find_weights(folder: Path) -> Path:
-    """The weights file (or shard index) of an HF folder, by WEIGHT_CANDIDATES preference."""
-    for name in WEIGHT_CANDIDATES:
-        if (folder / name).is_file():
-            return folder / name
-    others = sorted(p.name for p in folder.iterdir() if p.is_file())
-    raise CheckpointError(f"{folder}: no PyTorch/safetensors weights; expected one of {list(WEIGHT_CANDIDATES)}, "
-                          f"found {others}")
 
 
 def _blocks_in(keys) -> int:
@@ -133,12 +118,8 @@ def convert_t5(src: str, out: str | None, *, dry_run: bool = False, param_dtype:
         match the config.
     """
     start = time.time()
-    folder = Path(require_local(src, "an HF T5 folder is read with torch.load / safetensors and tokenizers, which "
-                                     "open local files only"))
-    if not folder.is_dir():
-        raise CheckpointError(f"{src}: not a folder; --src must be a local HF T5 folder (config.json and weights)")
+    folder, source = open_hf_folder(src, "T5")
     cfg, hf = read_hf_config(folder, param_dtype=param_dtype)
-    source = open_checkpoint(find_weights(folder))
     p, decoder = plan_t5(source, cfg)
     tokenizer = folder / TOKENIZER_FILE
     notes = []
