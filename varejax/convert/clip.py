@@ -28,7 +28,6 @@ Key table (HF key -> our parameter path; torch Linear weights are transposed, th
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ import numpy as np
 
 from varejax import checkpoint
 from varejax.convert import strict
-from varejax.convert.common import ConversionReport, finish, open_hf_folder, plan_report
+from varejax.convert.common import ConversionReport, finish, open_hf_folder, plan_report, read_hf_json
 from varejax.convert.sources import CheckpointError, CheckpointSource, sha256_file
 from varejax.convert.strict import BufferRule, KeyRule, conv_to_hwio, transpose_2d
 from varejax.models import clip
@@ -134,16 +133,7 @@ def _check_covers_model(cfg: clip.CLIPConfig, rules: list[KeyRule]) -> None:
 
 def read_hf_config(folder: Path, **overrides: Any) -> tuple[clip.CLIPConfig, dict[str, Any]]:
     """(CLIPConfig, the raw dict) of `folder/config.json`; CheckpointError naming the file when it does not fit."""
-    path = folder / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{folder}: no config.json; --src must be a local HF CLIP folder (config.json and "
-                              f"weights, e.g. a download of openai/clip-vit-base-patch32)")
-    try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+    path, hf = read_hf_json(folder, "CLIP", "openai/clip-vit-base-patch32")
     try:
         return clip.CLIPConfig.from_hf_config(hf, **overrides), hf
     except (ValueError, TypeError, KeyError) as err:

@@ -111,6 +111,24 @@ def find_weights(folder: Path) -> Path:
                           f"found {others}")
 
 
+def read_hf_json(folder: Path, model: str, example: str) -> tuple[Path, dict[str, Any]]:
+    """(path, dict) of `folder/config.json` of an HF `model` folder; CheckpointError naming the file when it is
+    missing, not JSON, or not an object (`example`: a repo the user may have downloaded, for the message)."""
+    import json
+
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no config.json; --src must be a local HF {model} folder (config.json and "
+                              f"weights, e.g. a download of {example})")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return path, hf
+
+
 def open_hf_folder(src: str, model: str) -> tuple[Path, CheckpointSource]:
     """(folder, its weights opened lazily) of a local HF `model` folder ("T5", "CLIP"); one-line errors when `src`
     is remote, not a folder, or holds no weights."""

@@ -13,7 +13,6 @@ folder is all the text encoder needs.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import numpy as np
 
 from varejax.checkpoint import TOKENIZER_FILE
 from varejax.convert import strict
-from varejax.convert.common import ConversionReport, finish, open_hf_folder, plan_report
+from varejax.convert.common import ConversionReport, finish, open_hf_folder, plan_report, read_hf_json
 from varejax.convert.sources import CheckpointError, CheckpointSource, sha256_file
 from varejax.convert.t5_keys import DROPPED_PREFIXES, t5_rules
 from varejax.models.t5 import T5Config
@@ -30,16 +29,7 @@ from varejax.models.t5 import T5Config
 
 def read_hf_config(folder: Path, **overrides: Any) -> tuple[T5Config, dict[str, Any]]:
     """(T5Config, the raw dict) of `folder/config.json`; CheckpointError naming the file when it does not fit."""
-    path = folder / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{folder}: no config.json; --src must be a local HF T5 folder (config.json and "
-                              f"weights, e.g. a download of google/flan-t5-xl)")
-    try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+    path, hf = read_hf_json(folder, "T5", "google/flan-t5-xl")
     try:
         return T5Config.from_hf_config(hf, **overrides), hf
     except ValueError as err:
