@@ -34,6 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.n_train = 64 if smoke else 12000   # oracle and tokenizer
     config.data.n_latent = 64 if smoke else 8000    # the first n_latent of them train T5 + Infinity
     config.data.n_heldout = 32 if smoke else 1000
+    config.data.pattern_phase = "free"  # "grid": dots and stripes aligned to the last scale's tokens (world.py)
     config.data.eval_batch = 16 if smoke else 128   # batch of the tokenizer/oracle passes over data sets
 
     config.oracle = ml_collections.ConfigDict()

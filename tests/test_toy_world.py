@@ -36,6 +36,21 @@ def test_generator_is_deterministic():
     assert a.images.shape == (6, 64, 64, 3) and a.images.dtype == np.uint8
 
 
+def test_grid_phase_changes_only_the_background_pattern():
+    free, grid = world.dataset(24, seed=5), world.dataset(24, seed=5, pattern_phase="grid")
+    assert free.prompts == grid.prompts  # same random stream: same attributes, prompts, positions
+    patterned = free.labels["background"] != int(world.Background.PLAIN)
+    plain = ~patterned
+    np.testing.assert_array_equal(free.images[plain], grid.images[plain])
+    assert all(not np.array_equal(f, g) for f, g in zip(free.images[patterned], grid.images[patterned]))
+    # aligned: the pattern repeats with the 16 px period from the image's corner (dots centred in each cell)
+    dotted = np.flatnonzero(grid.labels["background"] == int(world.Background.DOTTED))
+    corner = grid.images[dotted[0], :16, :16].astype(int)
+    assert np.abs(corner[8, 8] - corner[0, 0]).sum() > 40  # a dot at the cell centre, base colour at the corner
+    with pytest.raises(ValueError, match="pattern_phase"):
+        world.dataset(1, seed=0, pattern_phase="random")
+
+
 def test_render_draws_the_shape_in_its_colour():
     rng = np.random.default_rng(0)
     for colour in world.Colour:

@@ -158,8 +158,9 @@ def run(config, workdir: str | os.PathLike, command: str | None = None) -> dict[
     batch = int(config.data.eval_batch)
     log(f"toy world v{world.WORLD_VERSION}: training with seed {seed} into {workdir}")
 
-    train, heldout = stages.timed("data", lambda _: (world.dataset(config.data.n_train, seed=seed * 1000 + 1),
-                                                     world.dataset(config.data.n_heldout, seed=seed * 1000 + 2)))
+    train, heldout = stages.timed("data", lambda _: (
+        world.dataset(config.data.n_train, seed=seed * 1000 + 1, pattern_phase=config.data.pattern_phase),
+        world.dataset(config.data.n_heldout, seed=seed * 1000 + 2, pattern_phase=config.data.pattern_phase)))
     log(f"data: {len(train.images)} training and {len(heldout.images)} held-out images "
         f"({stages.seconds['data']:.0f}s)")
 

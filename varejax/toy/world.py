@@ -8,8 +8,12 @@ Every image has three attributes:
   (white, silver, grey, charcoal, beige, taupe), never one of the shape colours.
 
 The shape's size (radius 15-24 px) and position (always fully inside the image) and the background's
-colours, stripe orientation and pattern phase are drawn freely. Rendering is numpy only, 2x2
-supersampled (anti-aliased), and deterministic given an `np.random.Generator`.
+colours and stripe orientation are drawn freely. The pattern's phase is drawn freely too
+(`pattern_phase="free"`, the first world) or aligned to the 16 px grid (`"grid"`): a 16 px period is finer
+than every scale but the last one, whose tokens (16 px each) are sampled in parallel, so the model cannot
+make them agree on a free phase and draws dots and stripes that the oracle reads as noise. Rendering is
+numpy only, 2x2 supersampled (anti-aliased), and deterministic given an `np.random.Generator`; both phases
+draw the same random numbers, so "grid" images differ from "free" ones only in their background pattern.
 
 Prompts come from two disjoint families of templates and synonyms:
 
@@ -182,10 +186,21 @@ def shape_mask(shape: Shape, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape {shape}")
 
 
-def _pattern(style: Background, rng: np.random.Generator) -> np.ndarray:
+PATTERN_PHASES = ("free", "grid")
+
+
+def _check_phase(pattern_phase: str) -> None:
+    if pattern_phase not in PATTERN_PHASES:
+        raise ValueError(f"unknown pattern_phase {pattern_phase!r}; known: {PATTERN_PHASES}")
+
+
+def _pattern(style: Background, rng: np.random.Generator, pattern_phase: str = "free") -> np.ndarray:
     """[S, S] bool pattern mask (True = the pattern colour) at the supersampled grid."""
+    _check_phase(pattern_phase)
     y, x = _GRID[:, None], _GRID[None, :]
-    phase = rng.integers(PERIOD, size=2)
+    phase = rng.integers(PERIOD, size=2)  # drawn for both phases: the stream does not depend on it
+    if pattern_phase == "grid":
+        phase = np.zeros(2, phase.dtype)
     vertical = bool(rng.integers(2))  # drawn for every style: the stream does not depend on the style
     xs, ys = x + phase[0], y + phase[1]
     if style == Background.PLAIN:
@@ -205,15 +220,15 @@ def _jitter(rgb, amount: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.asarray(rgb, np.float32) + rng.integers(-amount, amount + 1, size=3), 0, 255).astype(np.float32)
 
 
-def render(attrs: Attributes, rng: np.random.Generator) -> np.ndarray:
-    """One image uint8 [64, 64, 3] of `attrs`; size, position, background colours and phase from `rng`."""
+def render(attrs: Attributes, rng: np.random.Generator, pattern_phase: str = "free") -> np.ndarray:
+    """One image uint8 [64, 64, 3] of `attrs`; size, position, background colours (and phase) from `rng`."""
     base_name, pattern_name = NEUTRAL_PAIRS[int(rng.integers(len(NEUTRAL_PAIRS)))]
     base = _jitter(NEUTRAL_RGB[base_name], NEUTRAL_JITTER, rng)
     pattern_rgb = _jitter(NEUTRAL_RGB[pattern_name], NEUTRAL_JITTER, rng)
     colour = _jitter(SHAPE_RGB[attrs.colour], SHAPE_JITTER, rng)
     radius = float(rng.uniform(*RADIUS_RANGE))
     cx, cy = (float(rng.uniform(radius + 1, IMAGE_SIZE - 1 - radius)) for _ in range(2))
-    pattern = _pattern(attrs.background, rng)
+    pattern = _pattern(attrs.background, rng, pattern_phase)
 
     u = (_GRID[None, :] - np.float32(cx)) / np.float32(radius)
     v = (_GRID[:, None] - np.float32(cy)) / np.float32(radius)
@@ -393,8 +408,10 @@ class Dataset(NamedTuple):
     mentions: np.ndarray
 
 
-def dataset(n: int, seed: int, families: Sequence[str] = FAMILIES, mention=None) -> Dataset:
+def dataset(n: int, seed: int, families: Sequence[str] = FAMILIES, mention=None,
+            pattern_phase: str = "free") -> Dataset:
     """`n` images with labels and one prompt each (family drawn uniformly from `families`)."""
+    _check_phase(pattern_phase)
     rng = np.random.default_rng(seed)
     images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     labels = {name: np.empty(n, np.int64) for name in ATTRIBUTE_NAMES}
@@ -402,7 +419,7 @@ def dataset(n: int, seed: int, families: Sequence[str] = FAMILIES, mention=None)
     mentions = np.zeros((n, len(ATTRIBUTE_NAMES)), bool)
     for i in range(n):
         attrs = sample_attributes(rng)
-        images[i] = render(attrs, rng)
+        images[i] = render(attrs, rng, pattern_phase)
         for name, value in attrs.labels().items():
             labels[name][i] = value
         family = families[int(rng.integers(len(families)))]
