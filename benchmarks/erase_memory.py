@@ -1,13 +1,23 @@
-"""Memory estimate per device of one S-VARE iteration, from an AOT compile on CPU without weights.
+"""Memory per device of one S-VARE training iteration, from an AOT compile on CPU without weights.
 
-    python benchmarks/erase_memory.py --config configs/erase_memory.py:2b
+    python benchmarks/erase_memory.py --config configs/erase_memory.py:2b \
+        --config.memory.out=benchmarks/results/erase_memory_2b.json
 
-Builds abstract parameters, optimiser state and batch (jax.ShapeDtypeStruct: nothing is allocated),
-lowers and compiles the jitted official iteration (erase step + preserve step, donated state) for the
-configured mesh, and prints XLA's memory analysis per device as JSON. With
-`--config.baseline_remat_toggled=True` the same step is also compiled with remat flipped and the ratio
-is printed (a baseline measured in the same run). Fake a mesh of N CPU devices with
-XLA_FLAGS=--xla_force_host_platform_device_count=N (the script sets it from config.mesh.shape).
+Builds abstract parameters, optimiser state and batch (`jax.ShapeDtypeStruct`: nothing is allocated) and
+compiles the program `varejax erase` runs: the same update (`config.train.mode`), jitted by the same
+`jit_step(..., donate=True)`, with the model config built from the same fields (`config.numerics`, the
+`config.train` overrides, remat, drop path, condition dropout) on the same mesh. Prints, per device:
+
+  parameters (trainable / frozen), optimiser state and gradients (trainable only), from the shapes;
+  XLA's memory analysis: arguments, outputs, aliased (donated) bytes, temporaries, and the peak
+  arguments + outputs - aliased + temporaries;
+  an analytic estimate of the saved activations (what remat keeps: each block's input, the head's inputs)
+  and of the chunked attention's per-chunk buffers, so the temporaries split into gradients + saved
+  activations + the rest (the block being recomputed, attention chunks, optimiser update, workspace).
+
+The CPU compiler's numbers are an estimate of a GPU/TPU run, not a measurement: see the README section.
+Fake a mesh of N CPU devices with XLA_FLAGS=--xla_force_host_platform_device_count=N (the script sets it
+from config.mesh.shape).
 """
 
 from __future__ import annotations
@@ -17,6 +27,9 @@ import json
 import math
 import os
 import time
+from typing import Any
+
+GIB = 1024 ** 3
 
 
 def _configure_devices(mesh_shape: tuple[int, ...]) -> None:
@@ -26,60 +39,210 @@ def _configure_devices(mesh_shape: tuple[int, ...]) -> None:
 
     count = math.prod(s for s in mesh_shape if s > 0)
     flag = f"--xla_force_host_platform_device_count={count}"
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
     if not os.environ.get("JAX_PLATFORMS"):
         jax.config.update("jax_platforms", "cpu")
 
 
-def estimate(config, remat: bool) -> dict:
+def per_device_bytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of arrays / ShapeDtypeStructs (its shard of each sharded leaf)."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if not hasattr(leaf, "shape"):
+            continue
+        sharding = getattr(leaf, "sharding", None)
+        shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
+        dtype = leaf.dtype
+        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            itemsize = 8  # a threefry key: two uint32 words
+        else:
+            itemsize = np.dtype(dtype).itemsize
+        total += math.prod(shape) * itemsize
+    return total
+
+
+def training_model_config(config):
+    """The InfinityConfig `varejax erase` trains with: the preset's architecture (no checkpoint here),
+    `trainer.model_overrides(config)` (numerics + bf16_params/LoRA), then the training switches that
+    `trainer.train` sets (condition dropout, drop path, remat)."""
+    from varejax.erase.trainer import model_overrides
+    from varejax.models.config import get_preset
+
+    cfg = get_preset(config.memory.model_preset).replace(**model_overrides(config))
+    return cfg.replace(cond_drop_rate=float(config.train.cond_drop_rate),
+                       drop_path_rate=float(config.train.drop_path_rate), remat=bool(config.train.remat))
+
+
+def abstract_batch(cfg, config, mesh, rules, L: int) -> dict:
+    """The training batch (every field `TrajectoryBatches` yields) as sharded ShapeDtypeStructs."""
     import jax
     import jax.numpy as jnp
 
+    from varejax.parallel import batch_sharding
+
+    B, T = int(config.train.batch_size), min(int(config.memory.text_len), cfg.text_maxlen)
+    d, V, C = cfg.bits_per_token, cfg.num_logits, cfg.text_channels
+    shapes = {"target_text": ((B, T, C), jnp.float32), "target_mask": ((B, T), jnp.int32),
+              "anchor_text": ((B, T, C), jnp.float32), "anchor_mask": ((B, T), jnp.int32),
+              "x_BLC_wo_prefix": ((B, L - 1, d), jnp.float32), "gt_bits": ((B, L, d), jnp.int8),
+              "teacher_logits": ((B, L, V), jnp.float32), "frozen_concept_logits": ((B, L, V), jnp.float32)}
+    return {k: jax.ShapeDtypeStruct(s, t, sharding=batch_sharding(mesh, rules, shape=s))
+            for k, (s, t) in shapes.items()}
+
+
+def batch_fields_read(config, scfg) -> set[str]:
+    """The batch fields the update reads; jit drops the others (e.g. `frozen_concept_logits` unless the
+    erase loss is `esd`), so they are no argument of the compiled program."""
+    from varejax.erase import step
+
+    fields = set(step._erase_keys(scfg))
+    if str(config.train.mode) != "erase_only":
+        fields |= set(step._PRESERVE_KEYS)
+    return fields
+
+
+def saved_activation_bytes(cfg, batch_per_device: int, L: int, Lp: int, tensor: int) -> dict[str, int]:
+    """Analytic bytes of what one forward pass keeps for its backward pass, per device.
+
+    With remat (training's default) each block keeps only its input, the float32 residual stream
+    [B, Lp, C] (not sharded over `tensor`: act_embed is replicated); the head keeps its float32 input and
+    normalised input [B, L, C] and the loss keeps the logits and their softmax [B, L, 2d]. Without remat
+    every intermediate of every block is kept; that is not estimated here (None).
+    The alternating iteration runs its two passes one after the other, so one pass is live at a time.
+    """
+    B, C, V = batch_per_device, cfg.embed_dim, cfg.num_logits
+    head = 2 * B * L * C * 4 + 2 * B * L * V * 4
+    blocks = cfg.depth * B * Lp * C * 4 if cfg.remat else None
+    total = None if blocks is None else blocks + head
+    # Chunked attention: one chunk's float32 logits, softmax and logits' gradient [B, H/tensor, chunk, Lp].
+    chunk = 256
+    heads = max(cfg.num_heads // tensor, 1)
+    attention_chunk = 3 * B * heads * min(chunk, Lp) * Lp * 4
+    full = 3 * B * heads * Lp * Lp * 4  # the same buffers of full-matrix (`xla`) attention, for comparison
+    return {"blocks": blocks, "head": head, "total": total,
+            "attention_temporaries": attention_chunk if cfg.attention_impl == "chunked" else full}
+
+
+def lower_training_step(config, remat: bool | None = None) -> tuple[Any, dict]:
+    """Lowers the training iteration of `config` (remat overridden when given) on abstract inputs.
+
+    Returns (the `jax.stages.Lowered` program, its inputs and settings: cfg, scfg, mesh, rules, params,
+    opt_state, batch, L, Lp, lower_s). Nothing is allocated.
+    """
+    import jax
+
     from varejax.configlib import rules_tuple
     from varejax.erase import optim
-    from varejax.erase.step import SvareConfig, alternating_update, summed_update
+    from varejax.erase.step import jit_step
+    from varejax.erase.trainer import UPDATES, svare_config
     from varejax.models import apply, schedules
-    from varejax.models.config import get_preset
-    from varejax.parallel import abstract_sharded_state, batch_sharding, make_mesh, sharding_context
+    from varejax.parallel import abstract_sharded_state, check_global_batch, make_mesh, sharding_context
 
-    cfg = get_preset(config.model_preset).replace(**{**dict(config.numerics), "remat": remat})
-    schedule = schedules.get_schedule(config.h_div_w, config.pn)
-    L, B, T = schedules.sequence_length(schedule), config.batch, min(config.text_len, cfg.text_maxlen)
+    cfg = training_model_config(config)
+    if remat is not None:
+        cfg = cfg.replace(remat=remat)
+    schedule = schedules.get_schedule(float(config.h_div_w), str(config.pn))
+    L, Lp = schedules.sequence_length(schedule), schedules.padded_length(schedule, cfg.pad_to_multiplier)
     mesh = make_mesh(tuple(config.mesh.shape))
     rules = rules_tuple(config.mesh.rules)
-    scfg = SvareConfig(optim=optim.OptimConfig(trainable=config.trainable))
-    abstract = apply.abstract_params(cfg)
-    params = abstract_sharded_state(abstract, mesh, rules)
-    opt_state = jax.eval_shape(lambda p: optim.init_opt_state(p, scfg.optim), params)
+    check_global_batch(int(config.train.batch_size), mesh, rules)  # what training refuses is not estimated
+    scfg = svare_config(config)
 
-    def spec(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, rules, shape=shape))
+    params = abstract_sharded_state(apply.abstract_params(cfg), mesh, rules)
+    with sharding_context(mesh, rules):
+        # The trainer builds the optimiser state with this jitted init: its output shardings are the state's.
+        init = jax.jit(lambda p: optim.init_opt_state(p, scfg.optim)).lower(params).compile()
+    opt_shapes = jax.eval_shape(lambda p: optim.init_opt_state(p, scfg.optim), params)
+    opt_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                             opt_shapes, init.output_shardings)
+    batch = abstract_batch(cfg, config, mesh, rules, L)
+    rng = jax.eval_shape(lambda: jax.random.fold_in(jax.random.key(0), 0))
 
-    d, V, C = cfg.bits_per_token, cfg.num_logits, cfg.text_channels
-    batch = {"target_text": spec((B, T, C), jnp.float32), "target_mask": spec((B, T), jnp.int32),
-             "anchor_text": spec((B, T, C), jnp.float32), "anchor_mask": spec((B, T), jnp.int32),
-             "x_BLC_wo_prefix": spec((B, L - 1, d), jnp.float32), "gt_bits": spec((B, L, d), jnp.int8),
-             "teacher_logits": spec((B, L, V), jnp.float32)}
-    rng = jax.eval_shape(lambda: jax.random.key(0))
-    update = {"alternating": alternating_update, "summed": summed_update}[config.mode]
-    step = jax.jit(update, static_argnames=("cfg", "schedule", "scfg", "diagnostics"), donate_argnums=(0, 1))
+    step = jit_step(UPDATES[str(config.train.mode)], donate=True).compiled
     start = time.perf_counter()
     with sharding_context(mesh, rules):
-        lowered = step.lower(params, opt_state, batch, rng, cfg=cfg, schedule=schedule, scfg=scfg.static())
-    lower_s = time.perf_counter() - start
+        lowered = step.lower(params, opt_state, batch, rng, cfg=cfg, schedule=schedule, scfg=scfg.static(),
+                             diagnostics=False)
+    inputs = {"cfg": cfg, "scfg": scfg, "mesh": mesh, "rules": rules, "params": params, "opt_state": opt_state,
+              "batch": batch, "L": L, "Lp": Lp, "lower_s": time.perf_counter() - start}
+    return lowered, inputs
+
+
+def estimate(config, remat: bool | None = None, keep_hlo: bool = False) -> dict:
+    """Compiles the training iteration of `config` (remat overridden when given) and breaks its memory down.
+
+    With `keep_hlo` the compiled HLO and the lowered StableHLO texts come back under "hlo" and "stablehlo".
+    """
+    import jax
+
+    from varejax.erase import optim
+    from varejax.models import apply
+    from varejax.parallel import batch_split
+
+    lowered, inputs = lower_training_step(config, remat)
+    cfg, scfg, mesh, rules = inputs["cfg"], inputs["scfg"], inputs["mesh"], inputs["rules"]
+    params, opt_state, batch, L, Lp = (inputs[k] for k in ("params", "opt_state", "batch", "L", "Lp"))
+    lower_s = inputs["lower_s"]
+    start = time.perf_counter()
     compiled = lowered.compile()
-    compile_s = time.perf_counter() - start - lower_s
+    compile_s = time.perf_counter() - start
     mem = compiled.memory_analysis()
-    gib = 1024 ** 3
-    fields = {name: getattr(mem, f"{name}_size_in_bytes", None) for name in
-              ("argument", "output", "alias", "temp", "generated_code")}
-    peak = (fields["argument"] or 0) + (fields["output"] or 0) - (fields["alias"] or 0) + (fields["temp"] or 0)
-    trainable = sum(math.prod(v.shape) for v in optim.trainable_params(abstract, config.trainable).values())
-    return {"remat": remat, "devices": mesh.devices.size, "L": L, "batch": B,
-            "params": apply.count_params(abstract), "trainable": trainable,
-            "per_device_GiB": {k: round(v / gib, 3) for k, v in fields.items() if v is not None},
-            "estimated_peak_per_device_GiB": round(peak / gib, 3),
-            "lower_s": round(lower_s, 1), "compile_s": round(compile_s, 1)}
+    xla = {name: int(getattr(mem, f"{name}_size_in_bytes")) for name in
+           ("argument", "output", "alias", "temp", "generated_code")}
+    peak = xla["argument"] + xla["output"] - xla["alias"] + xla["temp"]
+
+    flat = apply.flat_params(params)
+    trainable_mask = optim.trainable_mask(flat, scfg.optim.trainable)
+    trainable = {k: v for k, v in flat.items() if trainable_mask[k]}
+    frozen = {k: v for k, v in flat.items() if not trainable_mask[k]}
+    parts = {"params_trainable": per_device_bytes(trainable), "params_frozen": per_device_bytes(frozen),
+             "opt_state": per_device_bytes(opt_state), "grads": per_device_bytes(trainable),
+             "batch": per_device_bytes({k: v for k, v in batch.items() if k in batch_fields_read(config, scfg)})}
+    split = batch_split(mesh, rules)
+    batch_per_device = int(config.train.batch_size) // split if int(config.train.batch_size) % split == 0 \
+        else int(config.train.batch_size)
+    acts = saved_activation_bytes(cfg, batch_per_device, L, Lp, int(mesh.shape["tensor"]))
+    rest = None if acts["total"] is None else xla["temp"] - parts["grads"] - acts["total"]
+
+    def gib(x):
+        return None if x is None else round(x / GIB, 3)
+
+    budget = float(config.memory.device_gib) * float(config.memory.usable_fraction)
+    result = {
+        "size": config.memory.size, "model_preset": config.memory.model_preset,
+        "mesh": dict(mesh.shape), "devices": int(mesh.devices.size),
+        "batch": int(config.train.batch_size), "batch_per_device": batch_per_device,
+        "pn": str(config.pn), "L": L, "L_padded": Lp,
+        "settings": {"mode": str(config.train.mode), "trainable": str(config.train.trainable),
+                     "remat": cfg.remat, "attention_impl": cfg.attention_impl, "attention_chunk": 256,
+                     "param_dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype,
+                     "matmul_precision": cfg.matmul_precision, "bf16_params": bool(config.train.bf16_params),
+                     "drop_path_rate": cfg.drop_path_rate, "cond_drop_rate": cfg.cond_drop_rate},
+        "params": {"total": sum(math.prod(v.shape) for v in flat.values()),
+                   "trainable": sum(math.prod(v.shape) for v in trainable.values()),
+                   "frozen": sum(math.prod(v.shape) for v in frozen.values())},
+        "per_device_GiB": {
+            **{k: gib(v) for k, v in parts.items()},
+            "saved_activations_est": gib(acts["total"]),
+            "saved_activations_blocks_est": gib(acts["blocks"]),
+            "attention_temporaries_est": gib(acts["attention_temporaries"]),
+            "temp_rest": gib(rest),
+            "xla": {k: gib(v) for k, v in xla.items()},
+            "peak": gib(peak),
+        },
+        "per_device_bytes": {**parts, "saved_activations_est": acts["total"], "xla": xla, "peak": peak},
+        "budget_GiB": round(budget, 3),
+        "fits_80gb": bool(peak / GIB <= budget),
+        "lower_s": round(lower_s, 1), "compile_s": round(compile_s, 1),
+        "platform": jax.devices()[0].platform, "jax": jax.__version__,
+    }
+    if keep_hlo:
+        result["hlo"], result["stablehlo"] = compiled.as_text(), lowered.as_text()
+    return result
 
 
 def main() -> None:
@@ -89,13 +252,17 @@ def main() -> None:
     parser.add_argument("--config", default="configs/erase_memory.py:2b")
     _, config = parse_config_args(parser)
     _configure_devices(tuple(config.mesh.shape))
-    result = {"size": config.size, "mode": config.mode, "measured": estimate(config, bool(config.numerics.remat))}
-    if config.baseline_remat_toggled:
-        base = estimate(config, not config.numerics.remat)
+    result = estimate(config)
+    if config.memory.baseline_remat_toggled:
+        base = estimate(config, remat=not bool(config.train.remat))
         result["baseline_remat_toggled"] = base
-        result["peak_ratio_vs_baseline"] = round(result["measured"]["estimated_peak_per_device_GiB"]
-                                                 / base["estimated_peak_per_device_GiB"], 3)
-    print(json.dumps(result))
+        result["peak_ratio_vs_baseline"] = round(result["per_device_GiB"]["peak"] / base["per_device_GiB"]["peak"], 3)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if config.memory.out:
+        os.makedirs(os.path.dirname(os.path.abspath(config.memory.out)), exist_ok=True)
+        with open(config.memory.out, "w") as f:
+            f.write(text + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,75 @@
+"""benchmarks/erase_memory.py compiles the program training runs, and its breakdown adds up to XLA's totals."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import jax
+import pytest
+
+from varejax.configlib import load_config
+from varejax.erase.defaults import base_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("erase_memory_benchmark", ROOT / "benchmarks" / "erase_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny preset's estimate (one compile) and the script module."""
+    script = _script()
+    config = load_config(str(ROOT / "configs" / "erase_memory.py") + ":tiny")
+    return script, config, script.estimate(config, keep_hlo=True)
+
+
+def test_compiles_the_training_numerics(tiny):
+    script, config, result = tiny
+    training = base_config(())
+    settings = result["settings"]
+    # The same fields `varejax erase` reads, not a copy that could drift.
+    assert settings["attention_impl"] == training.numerics.attention_impl == "chunked"
+    assert settings["compute_dtype"] == training.numerics.compute_dtype
+    assert settings["remat"] is bool(training.train.remat)
+    assert settings["param_dtype"] == ("bfloat16" if training.train.bf16_params else "float32")
+    # Chunked attention is a lax.map over blocks of 256 queries: while loops that run ceil(Lp / 256) times
+    # in the compiled program (the other loops, of the threefry PRNG, run 5 times).
+    chunks = -(-result["L_padded"] // 256)
+    assert chunks != 5
+    chunk_loops = re.findall(rf'known_trip_count":{{"n":"{chunks}"}}', result["hlo"])
+    assert len(chunk_loops) >= 2 * 2 * 2  # self- and cross-attention, 2 blocks, 2 passes
+    # Full-matrix attention lowers without those loops: the check above tells the two programs apart.
+    config_xla = load_config(f"{ROOT / 'configs' / 'erase_memory.py'}:tiny", ["config.numerics.attention_impl=xla"])
+    lowered_xla, _ = script.lower_training_step(config_xla)
+    assert result["stablehlo"].count("stablehlo.while") > lowered_xla.as_text().count("stablehlo.while")
+
+
+def test_breakdown_matches_xla_totals(tiny):
+    _, _, result = tiny
+    parts, xla = result["per_device_bytes"], result["per_device_bytes"]["xla"]
+    params = parts["params_trainable"] + parts["params_frozen"]
+    rng_bytes = 8  # one threefry key
+    # Arguments: parameters + optimiser state + the batch fields the step reads + the key, to the byte.
+    assert xla["argument"] == params + parts["opt_state"] + parts["batch"] + rng_bytes
+    # Donation: parameters and optimiser state come back in their input buffers.
+    assert xla["alias"] == params + parts["opt_state"]
+    # The only other outputs are the scalar metrics.
+    assert 0 < xla["output"] - xla["alias"] < 4096
+    # Adam keeps two moments per trainable parameter (same dtype) plus a few scalars.
+    assert 0 <= parts["opt_state"] - 2 * parts["params_trainable"] < 64
+    # Every gradient is live at once (the global-norm clip reads them all before the update).
+    assert xla["temp"] >= parts["grads"]
+    assert parts["peak"] == xla["argument"] + xla["output"] - xla["alias"] + xla["temp"]
+    gib = result["per_device_GiB"]
+    assert gib["temp_rest"] == pytest.approx((xla["temp"] - parts["grads"] - parts["saved_activations_est"])
+                                             / 1024 ** 3, abs=1e-3)
+    assert result["fits_80gb"] is (parts["peak"] / 1024 ** 3 <= result["budget_GiB"])
+    assert result["params"]["trainable"] + result["params"]["frozen"] == result["params"]["total"]
+    assert result["platform"] == jax.devices()[0].platform
