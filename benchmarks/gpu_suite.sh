@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The one command of a GPU session: every measurement of benchmarks/gpu_suite.py, results as JSON in $OUT.
+#
+#   bash benchmarks/gpu_suite.sh                  # on the GPU machine: Infinity-2B shapes, 1024 px
+#   bash benchmarks/gpu_suite.sh --size tiny      # the CPU rehearsal (the same code path at test sizes)
+#   GPU_SUITE_DRY_RUN=1 bash benchmarks/gpu_suite.sh   # only print the python and the command it would run
+#
+# Other arguments go to gpu_suite.py (e.g. --config.svare.batch=1). Environment:
+#   OUT                        results folder (default runs/gpu_suite); gpu_suite.json and gpu_suite.log go there
+#   GPU_SUITE_LIMIT_S          wall-clock limit of the whole script, setup included (default 470 s; a GPU session
+#                              has 15 minutes of device time in all, so this leaves room for a second try)
+#   JAX_COMPILATION_CACHE_DIR  persistent compilation cache (default .jax_cache/ in the repo; on for every command)
+#   PYTHON                     the interpreter to try first
+#   VAREJAX_UPSTREAM_INFINITY  an upstream Infinity checkout for the upstream stage (nothing is downloaded)
+#
+# The python used is the first of $PYTHON, .venv/bin/python, python3, python that imports jax. Only when none
+# does is a venv made (build/venv-gpu, jax[cuda12] when nvidia-smi is present); when jax imports but the
+# package's other dependencies do not, a venv on top of the system packages (keeping its jax) gets them.
+set -uo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO" || exit 1
+START_S=$(date +%s)
+LIMIT_S="${GPU_SUITE_LIMIT_S:-470}"
+OUT_DIR="${OUT:-$REPO/runs/gpu_suite}"
+mkdir -p "$OUT_DIR"
+LOG="$OUT_DIR/gpu_suite.log"
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$REPO/.jax_cache}"
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-1}"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+log() { echo "[gpu_suite.sh] $*" | tee -a "$LOG"; }
+elapsed() { echo $(( $(date +%s) - START_S )); }
+: > "$LOG"
+HAS_GPU=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >"$OUT_DIR/nvidia-smi.txt" 2>&1; then HAS_GPU=1; fi
+log "repo $REPO, out $OUT_DIR, limit ${LIMIT_S}s, gpu=$HAS_GPU, compilation cache $JAX_COMPILATION_CACHE_DIR"
+
+DEPS_CHECK="import jax, flax, optax, ml_collections, varejax.erase.step, varejax.sample.sampler"
+PY=""
+for cand in "${PYTHON:-}" "$REPO/.venv/bin/python" python3 python; do
+  [ -n "$cand" ] || continue
+  command -v "$cand" >/dev/null 2>&1 || continue
+  if "$cand" -c "import jax" >/dev/null 2>&1; then PY="$(command -v "$cand")"; break; fi
+done
+
+setup_venv() {  # $1: extra venv flag ("" or --system-site-packages); $2: 1 to install jax too
+  local venv="$REPO/build/venv-gpu" base
+  base="$(command -v python3 || command -v python)" || { log "no python3 at all"; return 1; }
+  [ -x "$venv/bin/python" ] || "$base" -m venv $1 "$venv" || return 1
+  local reqs="$REPO/build/gpu-suite-requirements.txt"
+  grep -v -E '^(jax|jaxlib)==' "$REPO/requirements.txt" > "$reqs"
+  if [ "$2" = 1 ]; then
+    if [ "$HAS_GPU" = 1 ]; then echo "jax[cuda12]==0.10.2" >> "$reqs"; else echo "jax==0.10.2" >> "$reqs"; fi
+  fi
+  log "installing into $venv: $(tr '\n' ' ' < "$reqs")"
+  timeout 300 "$venv/bin/python" -m pip install -q -r "$reqs" 2>&1 | tail -5 | tee -a "$LOG"
+  PY="$venv/bin/python"
+}
+
+if [ -z "$PY" ]; then
+  log "no python here imports jax: making build/venv-gpu"
+  setup_venv "" 1 || { log "venv setup failed"; exit 3; }
+elif ! "$PY" -c "$DEPS_CHECK" >/dev/null 2>&1; then
+  log "$PY imports jax but not the rest of varejax's dependencies: a venv over its site-packages"
+  setup_venv --system-site-packages 0 || { log "venv setup failed"; exit 3; }
+fi
+if ! VERSIONS=$("$PY" -c "$DEPS_CHECK, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__)" 2>>"$LOG")
+then log "$PY still cannot import varejax's dependencies"; exit 3; fi
+log "python $PY: $VERSIONS"
+
+if [ -n "${VAREJAX_UPSTREAM_INFINITY:-}" ] && [ "$HAS_GPU" = 1 ] && ! "$PY" -c "import flash_attn" >/dev/null 2>&1; then
+  # flash-attn ships no binary wheels on PyPI as a rule; try one quickly, never a source build.
+  log "upstream needs flash-attn: trying a binary wheel (60 s at most)"
+  timeout 60 "$PY" -m pip install -q --only-binary=:all: flash-attn 2>&1 | tail -2 | tee -a "$LOG"
+fi
+
+REMAINING=$(( LIMIT_S - $(elapsed) ))
+# The suite stops starting stages 25 s before the kill, so its last write is a complete JSON file.
+BUDGET=$(( REMAINING - 25 ))
+CMD=("$PY" "$REPO/benchmarks/gpu_suite.py" --out "$OUT_DIR/gpu_suite.json" "--config.budget_s=$BUDGET" "$@")
+if [ "${GPU_SUITE_DRY_RUN:-0}" = 1 ]; then
+  echo "python: $PY"
+  echo "command: ${CMD[*]}"
+  echo "limit_s: $REMAINING"
+  exit 0
+fi
+if [ "$BUDGET" -lt 60 ]; then log "only ${REMAINING}s left after setup: not starting"; exit 4; fi
+log "running (${REMAINING}s left): ${CMD[*]}"
+timeout --signal=TERM --kill-after=15 "$REMAINING" "${CMD[@]}" 2>&1 | tee -a "$LOG"
+RC=${PIPESTATUS[0]}
+if [ "$RC" = 124 ] || [ "$RC" = 137 ]; then log "killed at the ${LIMIT_S}s limit: $OUT_DIR/gpu_suite.json has the stages that finished"; fi
+log "exit $RC after $(elapsed)s; results $OUT_DIR/gpu_suite.json"
+exit "$RC"
