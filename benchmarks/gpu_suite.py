@@ -1,7 +1,11 @@
 """The one-GPU benchmark suite: sampling latency, the S-VARE step's time and MFU, peak memory, upstream.
 
-    bash benchmarks/gpu_suite.sh                                   # the GPU run (sets the cache, the time limit)
-    python benchmarks/gpu_suite.py --size tiny --out /tmp/suite.json   # the CPU rehearsal, well under a minute
+    bash benchmarks/gpu_suite.sh              # the GPU run (sets the compilation cache and the time limit)
+    bash benchmarks/gpu_suite.sh --size tiny  # the CPU rehearsal of the same code path
+
+or directly (the rehearsal, then the 2B run with an override):
+
+    python benchmarks/gpu_suite.py --size tiny --out /tmp/suite.json
     python benchmarks/gpu_suite.py --config configs/gpu_suite.py:2b --config.svare.attention_impl=chunked
 
 Random weights of the configured preset (`configs/gpu_suite.py`: Infinity-2B shapes at 1024 px, or the tiny
