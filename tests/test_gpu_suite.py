@@ -52,6 +52,11 @@ def test_rehearsal_writes_every_stage(rehearsal):
         assert stage.get("wall_s", 0) >= 0
     device = on_disk["stages"]["device"]
     assert device["platform"] == "cpu" and device["bf16_dense_peak_tflops"] is None
+    summary = on_disk["summary"]
+    assert summary["per_image_s"] == {"batch_2": on_disk["stages"]["sampling"]["runs"]["batch_2"]["per_image_s"]}
+    assert summary["svare_step_s"] == on_disk["stages"]["svare_step"]["step_s"] > 0
+    assert summary["svare_mfu"] is None and summary["meets_mfu_target"] is None   # no CPU peak
+    assert summary["meets_latency_target"] is None   # the rehearsal has no batch 1
 
 
 def test_rehearsal_sampling_numbers_are_consistent(rehearsal):
