@@ -32,15 +32,22 @@ from typing import Any
 GIB = 1024 ** 3
 
 
-def _configure_devices(mesh_shape: tuple[int, ...]) -> None:
-    """A fake CPU device per mesh slot. Runs before any device is touched: XLA reads its flags when
-    the backend starts, not when JAX is imported."""
+def _configure_devices(mesh_shape: tuple[int, ...], cpu_scheduler: str = "") -> None:
+    """A fake CPU device per mesh slot, and the CPU scheduler. Runs before any device is touched: XLA
+    reads its flags when the backend starts, not when JAX is imported."""
     import jax
 
     count = math.prod(s for s in mesh_shape if s > 0)
-    flag = f"--xla_force_host_platform_device_count={count}"
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+    flags = [f"--xla_force_host_platform_device_count={count}"]
+    if cpu_scheduler:
+        # The CPU default schedules for concurrency and keeps far more buffers live than a memory-aware
+        # GPU/TPU scheduler would; the memory-optimised one is the closer stand-in.
+        flags.append(f"--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_{cpu_scheduler.upper()}")
+    current = os.environ.get("XLA_FLAGS", "")
+    for flag in flags:
+        if flag.split("=")[0] not in current:
+            current = (current + " " + flag).strip()
+    os.environ["XLA_FLAGS"] = current
     if not os.environ.get("JAX_PLATFORMS"):
         jax.config.update("jax_platforms", "cpu")
 
@@ -105,35 +112,76 @@ def batch_fields_read(config, scfg) -> set[str]:
     return fields
 
 
-def saved_activation_bytes(cfg, batch_per_device: int, L: int, Lp: int, tensor: int) -> dict[str, int]:
+def saved_activation_bytes(cfg, batch_per_device: int, L: int, Lp: int, tensor: int) -> dict[str, int | None]:
     """Analytic bytes of what one forward pass keeps for its backward pass, per device.
 
     With remat (training's default) each block keeps only its input, the float32 residual stream
-    [B, Lp, C] (not sharded over `tensor`: act_embed is replicated); the head keeps its float32 input and
-    normalised input [B, L, C] and the loss keeps the logits and their softmax [B, L, 2d]. Without remat
-    every intermediate of every block is kept; that is not estimated here (None).
-    The alternating iteration runs its two passes one after the other, so one pass is live at a time.
+    [B, Lp, C] (not sharded over `tensor`: act_embed is replicated). Outside the blocks: the block-causal
+    mask [Lp, Lp] (bool; none for `scales`), the head's centred and normalised input [B, L, C] (float32)
+    and the loss's per-bit terms [B, L, d] (two float32 arrays and a bool mask). Without remat every
+    intermediate of every block is kept; that is not estimated here (None). The alternating iteration
+    runs its two passes one after the other, so one pass is live at a time. `jax_saved_residual_bytes`
+    measures the same quantity from the traced program.
     """
-    B, C, V = batch_per_device, cfg.embed_dim, cfg.num_logits
-    head = 2 * B * L * C * 4 + 2 * B * L * V * 4
+    B, C, d = batch_per_device, cfg.embed_dim, cfg.bits_per_token
+    mask = Lp * Lp if cfg.attention_impl in ("xla", "chunked") else 0
+    outside = 2 * B * L * C * 4 + B * L * d * (2 * 4 + 1) + mask
     blocks = cfg.depth * B * Lp * C * 4 if cfg.remat else None
-    total = None if blocks is None else blocks + head
+    total = None if blocks is None else blocks + outside
     # Chunked attention: one chunk's float32 logits, softmax and logits' gradient [B, H/tensor, chunk, Lp].
     chunk = 256
     heads = max(cfg.num_heads // tensor, 1)
     attention_chunk = 3 * B * heads * min(chunk, Lp) * Lp * 4
     full = 3 * B * heads * Lp * Lp * 4  # the same buffers of full-matrix (`xla`) attention, for comparison
-    return {"blocks": blocks, "head": head, "total": total,
-            "attention_temporaries": attention_chunk if cfg.attention_impl == "chunked" else full}
+    return {"blocks": blocks, "outside_blocks": outside, "total": total,
+            "attention_temporaries": full if cfg.attention_impl == "xla" else attention_chunk}
 
 
-def lower_training_step(config, remat: bool | None = None) -> tuple[Any, dict]:
-    """Lowers the training iteration of `config` (remat overridden when given) on abstract inputs.
+def jax_saved_residual_bytes(inputs: dict) -> int:
+    """Bytes of the residuals JAX saves between the forward and backward pass of the erase objective.
+
+    Traced (not compiled) from abstract inputs: the outputs of the VJP's forward that are neither an
+    input (parameters, batch) nor a constant, i.e. what the program asks the compiler to keep alive.
+    Global shapes (not per device). This is the program's own answer to "what does remat keep"; the
+    compiler may keep more (see the README).
+    """
+    import jax
+    import numpy as np
+
+    from varejax.erase import optim, step
+
+    cfg, scfg, schedule = inputs["cfg"], inputs["scfg"].static(), inputs["schedule"]
+
+    def objective(train, params, batch, rng):
+        return step._erase_objective(train, params, batch, rng, cfg, schedule, scfg)[0]
+
+    def forward_and_residuals(train, params, batch, rng):
+        return jax.vjp(lambda t: objective(t, params, batch, rng), train)[1]
+
+    train = optim.trainable_params(inputs["params"], scfg.optim.trainable)
+    closed = jax.make_jaxpr(forward_and_residuals)(train, inputs["params"], inputs["batch"], inputs["rng"])
+    jaxpr = closed.jaxpr
+    seen = set(jaxpr.invars) | set(jaxpr.constvars)
+    total = 0
+    for var in jaxpr.outvars:
+        aval = getattr(var, "aval", None)
+        if type(var).__name__ == "Literal" or var in seen or aval is None or not hasattr(aval, "shape"):
+            continue  # an input, a constant, a literal or counted already: no new memory
+        seen.add(var)
+        dtype = aval.dtype
+        itemsize = 8 if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) else np.dtype(dtype).itemsize
+        total += math.prod(aval.shape) * itemsize
+    return total
+
+
+def lower_training_step(config, remat: bool | None = None, depth: int | None = None) -> tuple[Any, dict]:
+    """Lowers the training iteration of `config` (remat / depth overridden when given) on abstract inputs.
 
     Returns (the `jax.stages.Lowered` program, its inputs and settings: cfg, scfg, mesh, rules, params,
     opt_state, batch, L, Lp, lower_s). Nothing is allocated.
     """
     import jax
+    from jax.sharding import NamedSharding, PartitionSpec
 
     from varejax.configlib import rules_tuple
     from varejax.erase import optim
@@ -145,6 +193,8 @@ def lower_training_step(config, remat: bool | None = None) -> tuple[Any, dict]:
     cfg = training_model_config(config)
     if remat is not None:
         cfg = cfg.replace(remat=remat)
+    if depth is not None:  # the one-block probe: same blocks, fewer of them
+        cfg = cfg.replace(depth=depth, block_chunks=1)
     schedule = schedules.get_schedule(float(config.h_div_w), str(config.pn))
     L, Lp = schedules.sequence_length(schedule), schedules.padded_length(schedule, cfg.pad_to_multiplier)
     mesh = make_mesh(tuple(config.mesh.shape))
@@ -157,8 +207,13 @@ def lower_training_step(config, remat: bool | None = None) -> tuple[Any, dict]:
         # The trainer builds the optimiser state with this jitted init: its output shardings are the state's.
         init = jax.jit(lambda p: optim.init_opt_state(p, scfg.optim)).lower(params).compile()
     opt_shapes = jax.eval_shape(lambda p: optim.init_opt_state(p, scfg.optim), params)
-    opt_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                             opt_shapes, init.output_shardings)
+    replicated = NamedSharding(mesh, PartitionSpec())  # scalars come back on one device: replicate them
+
+    def placed(shape, sharding):
+        sharding = sharding if isinstance(sharding, NamedSharding) else replicated
+        return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
+
+    opt_state = jax.tree.map(placed, opt_shapes, init.output_shardings)
     batch = abstract_batch(cfg, config, mesh, rules, L)
     rng = jax.eval_shape(lambda: jax.random.fold_in(jax.random.key(0), 0))
 
@@ -168,14 +223,19 @@ def lower_training_step(config, remat: bool | None = None) -> tuple[Any, dict]:
         lowered = step.lower(params, opt_state, batch, rng, cfg=cfg, schedule=schedule, scfg=scfg.static(),
                              diagnostics=False)
     inputs = {"cfg": cfg, "scfg": scfg, "mesh": mesh, "rules": rules, "params": params, "opt_state": opt_state,
-              "batch": batch, "L": L, "Lp": Lp, "lower_s": time.perf_counter() - start}
+              "batch": batch, "rng": rng, "schedule": schedule, "L": L, "Lp": Lp,
+              "lower_s": time.perf_counter() - start}
     return lowered, inputs
 
 
-def estimate(config, remat: bool | None = None, keep_hlo: bool = False) -> dict:
-    """Compiles the training iteration of `config` (remat overridden when given) and breaks its memory down.
+def estimate(config, remat: bool | None = None, depth: int | None = None, keep_hlo: bool = False,
+             residuals: bool = True) -> dict:
+    """Compiles the training iteration of `config` (remat / depth overridden when given) and breaks its
+    memory down.
 
-    With `keep_hlo` the compiled HLO and the lowered StableHLO texts come back under "hlo" and "stablehlo".
+    With `residuals` the saved activations are also measured from the traced program
+    (`jax_saved_residual_bytes`). With `keep_hlo` the compiled HLO and the lowered StableHLO texts come
+    back under "hlo" and "stablehlo".
     """
     import jax
 
@@ -183,7 +243,7 @@ def estimate(config, remat: bool | None = None, keep_hlo: bool = False) -> dict:
     from varejax.models import apply
     from varejax.parallel import batch_split
 
-    lowered, inputs = lower_training_step(config, remat)
+    lowered, inputs = lower_training_step(config, remat, depth)
     cfg, scfg, mesh, rules = inputs["cfg"], inputs["scfg"], inputs["mesh"], inputs["rules"]
     params, opt_state, batch, L, Lp = (inputs[k] for k in ("params", "opt_state", "batch", "L", "Lp"))
     lower_s = inputs["lower_s"]
@@ -207,6 +267,9 @@ def estimate(config, remat: bool | None = None, keep_hlo: bool = False) -> dict:
         else int(config.train.batch_size)
     acts = saved_activation_bytes(cfg, batch_per_device, L, Lp, int(mesh.shape["tensor"]))
     rest = None if acts["total"] is None else xla["temp"] - parts["grads"] - acts["total"]
+    # Residual stream and loss terms are split over the batch axes; the mask is not (small next to them).
+    jax_saved = jax_saved_residual_bytes(inputs) // (split if batch_per_device != int(config.train.batch_size) else 1) \
+        if residuals else None
 
     def gib(x):
         return None if x is None else round(x / GIB, 3)
@@ -229,20 +292,50 @@ def estimate(config, remat: bool | None = None, keep_hlo: bool = False) -> dict:
             **{k: gib(v) for k, v in parts.items()},
             "saved_activations_est": gib(acts["total"]),
             "saved_activations_blocks_est": gib(acts["blocks"]),
+            "saved_activations_jax": gib(jax_saved),
             "attention_temporaries_est": gib(acts["attention_temporaries"]),
             "temp_rest": gib(rest),
             "xla": {k: gib(v) for k, v in xla.items()},
             "peak": gib(peak),
         },
-        "per_device_bytes": {**parts, "saved_activations_est": acts["total"], "xla": xla, "peak": peak},
+        "per_device_bytes": {**parts, "saved_activations_est": acts["total"], "saved_activations_jax": jax_saved,
+                             "xla": xla, "peak": peak},
         "budget_GiB": round(budget, 3),
-        "fits_80gb": bool(peak / GIB <= budget),
+        "fits_80gb_by_cpu_compile": bool(peak / GIB <= budget),
         "lower_s": round(lower_s, 1), "compile_s": round(compile_s, 1),
         "platform": jax.devices()[0].platform, "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
     if keep_hlo:
         result["hlo"], result["stablehlo"] = compiled.as_text(), lowered.as_text()
     return result
+
+
+def add_remat_model(result: dict, probe: dict, config) -> None:
+    """Adds the peak a memory-aware compiler reaches when it honours remat, and the verdict `fits_80gb`.
+
+    The compiled one-block program (`probe`) gives the working set of one block's backward pass (its
+    recomputed forward, attention chunks, the head and loss, workspace): its temporaries less its
+    gradients and saved activations. Remat makes the blocks' backward passes independent, so the full
+    iteration needs: its arguments and outputs (from the full compile) + every gradient + every block's
+    saved input + one block's working set. The CPU compile of the full program keeps much more alive
+    (`fits_80gb_by_cpu_compile`): see the README for why that part is not what a GPU/TPU would allocate.
+    """
+    full, one = result["per_device_bytes"], probe["per_device_bytes"]
+    saved = full["saved_activations_jax"]
+    saved = full["saved_activations_est"] if saved is None else saved
+    working_set = one["xla"]["temp"] - one["grads"] - one["saved_activations_est"]
+    xla = full["xla"]
+    peak = xla["argument"] + xla["output"] - xla["alias"] + full["grads"] + saved + working_set
+    budget = float(config.memory.device_gib) * float(config.memory.usable_fraction)
+    result["remat_model"] = {
+        "block_working_set_GiB": round(working_set / GIB, 3),
+        "saved_activations_GiB": round(saved / GIB, 3),
+        "peak_GiB": round(peak / GIB, 3),
+        "probe_temp_GiB": probe["per_device_GiB"]["xla"]["temp"],
+        "probe_compile_s": probe["compile_s"],
+    }
+    result["fits_80gb"] = bool(peak / GIB <= budget)
 
 
 def main() -> None:
@@ -251,8 +344,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/erase_memory.py:2b")
     _, config = parse_config_args(parser)
-    _configure_devices(tuple(config.mesh.shape))
+    _configure_devices(tuple(config.mesh.shape), str(config.memory.cpu_scheduler))
     result = estimate(config)
+    if config.memory.block_probe:
+        add_remat_model(result, estimate(config, depth=1, residuals=False), config)
     if config.memory.baseline_remat_toggled:
         base = estimate(config, remat=not bool(config.train.remat))
         result["baseline_remat_toggled"] = base

@@ -45,6 +45,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Part of the device the estimate may use: the rest is left for the CUDA context, cuBLAS/cuDNN
     # workspaces and allocator fragmentation, none of which the CPU compiler sees.
     config.memory.usable_fraction = 0.9
+    # CPU scheduler of the compile: "memory_optimized" (closer to a GPU/TPU's memory-aware scheduling),
+    # "concurrency_optimized" or "default" (XLA's CPU default, which keeps many more buffers live).
+    config.memory.cpu_scheduler = "memory_optimized"
+    # Also compile the same program with one block (seconds) for the remat model of the peak.
+    config.memory.block_probe = True
     config.memory.baseline_remat_toggled = False  # also compile with train.remat flipped (a second compile)
     config.memory.out = ""                  # write the JSON result here too ("" = stdout only)
     return config.lock()
