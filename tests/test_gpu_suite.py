@@ -56,7 +56,18 @@ def test_rehearsal_writes_every_stage(rehearsal):
     assert summary["per_image_s"] == {"batch_2": on_disk["stages"]["sampling"]["runs"]["batch_2"]["per_image_s"]}
     assert summary["svare_step_s"] == on_disk["stages"]["svare_step"]["step_s"] > 0
     assert summary["svare_mfu"] is None and summary["meets_mfu_target"] is None   # no CPU peak
-    assert summary["meets_latency_target"] is None   # the rehearsal has no batch 1
+    assert summary["meets_latency_target"] is None   # targets are judged for the 2b size only
+
+
+def test_summary_judges_the_targets_for_2b_only():
+    stages = {"sampling": {"runs": {"batch_1": {"status": "ok", "per_image_s": 0.3, "decode": "on"},
+                                    "batch_4": {"status": "error"}}},
+              "svare_step": {"step_s": 2.0, "mfu": 0.41, "attention_impl": "cudnn"}}
+    summary = gpu_suite.summarise(stages, "2b")
+    assert summary["per_image_s"] == {"batch_1": 0.3} and summary["decode_included"] == {"batch_1": True}
+    assert summary["meets_latency_target"] is True and summary["meets_mfu_target"] is False
+    tiny = gpu_suite.summarise(stages, "tiny")
+    assert tiny["meets_latency_target"] is None and tiny["meets_mfu_target"] is None
 
 
 def test_rehearsal_sampling_numbers_are_consistent(rehearsal):
