@@ -14,8 +14,8 @@
 #   VAREJAX_UPSTREAM_INFINITY  an upstream Infinity checkout for the upstream stage (nothing is downloaded)
 #
 # The python used is the first of $PYTHON, .venv/bin/python, python3, python that imports jax. Only when none
-# does is a venv made (build/venv-gpu, jax[cuda12] when nvidia-smi is present); when jax imports but the
-# package's other dependencies do not, a venv on top of the system packages (keeping its jax) gets them.
+# does is a venv made (build/venv-gpu, jax[cuda12] when nvidia-smi is present); when jax imports but flax,
+# optax, ml_collections, etils or absl do not, a venv on top of the system packages (keeping its jax) gets them.
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -45,26 +45,37 @@ for cand in "${PYTHON:-}" "$REPO/.venv/bin/python" python3 python; do
   if "$cand" -c "import jax" >/dev/null 2>&1; then PY="$(command -v "$cand")"; break; fi
 done
 
-setup_venv() {  # $1: extra venv flag ("" or --system-site-packages); $2: 1 to install jax too
-  local venv="$REPO/build/venv-gpu" base
-  base="$(command -v python3 || command -v python)" || { log "no python3 at all"; return 1; }
-  [ -x "$venv/bin/python" ] || "$base" -m venv $1 "$venv" || return 1
-  local reqs="$REPO/build/gpu-suite-requirements.txt"
-  grep -v -E '^(jax|jaxlib)==' "$REPO/requirements.txt" > "$reqs"
-  if [ "$2" = 1 ]; then
-    if [ "$HAS_GPU" = 1 ]; then echo "jax[cuda12]==0.10.2" >> "$reqs"; else echo "jax==0.10.2" >> "$reqs"; fi
+REQS="$REPO/build/gpu-suite-requirements.txt"
+write_reqs() {  # $1: 1 to add jax. Only what the suite imports, pinned as in requirements.txt.
+  mkdir -p "$REPO/build"
+  grep -E '^(flax|optax|ml_collections|etils\[epath\]|absl-py)==' "$REPO/requirements.txt" > "$REQS"
+  if [ "$1" = 1 ]; then
+    if [ "$HAS_GPU" = 1 ]; then echo "jax[cuda12]==0.10.2" >> "$REQS"; else echo "jax==0.10.2" >> "$REQS"; fi
   fi
-  log "installing into $venv: $(tr '\n' ' ' < "$reqs")"
-  timeout 300 "$venv/bin/python" -m pip install -q -r "$reqs" 2>&1 | tail -5 | tee -a "$LOG"
+}
+pip_install() {  # $1: the python whose environment gets $REQS (an installed jax satisfies flax's and stays)
+  log "installing into $("$1" -c 'import sys; print(sys.prefix)'): $(tr '\n' ' ' < "$REQS")"
+  timeout 300 "$1" -m pip install -q --retries 1 --timeout 10 -r "$REQS" 2>&1 | tail -5 | tee -a "$LOG"
+}
+make_venv() {  # $1: the base python; $2: extra venv flag. Sets PY to the venv's python.
+  local venv="$REPO/build/venv-gpu"
+  [ -x "$venv/bin/python" ] || "$1" -m venv $2 "$venv" || return 1
   PY="$venv/bin/python"
 }
 
 if [ -z "$PY" ]; then
   log "no python here imports jax: making build/venv-gpu"
-  setup_venv "" 1 || { log "venv setup failed"; exit 3; }
-elif ! "$PY" -c "$DEPS_CHECK" >/dev/null 2>&1; then
-  log "$PY imports jax but not the rest of varejax's dependencies: a venv over its site-packages"
-  setup_venv --system-site-packages 0 || { log "venv setup failed"; exit 3; }
+  BASE="$(command -v python3 || command -v python)" || { log "no python3 at all"; exit 3; }
+  write_reqs 1; make_venv "$BASE" "" && pip_install "$PY" || { log "venv setup failed"; exit 3; }
+elif [ "${GPU_SUITE_FORCE_SETUP:-0}" = 1 ] || ! "$PY" -c "$DEPS_CHECK" >/dev/null 2>&1; then
+  write_reqs 0
+  if "$PY" -c "import sys; sys.exit(sys.prefix == sys.base_prefix)"; then
+    log "$PY (a venv) imports jax but not all of flax, optax, ml_collections, etils: installing them there"
+    pip_install "$PY"
+  else
+    log "$PY imports jax but not all of flax, optax, ml_collections, etils: a venv over its site-packages"
+    make_venv "$PY" --system-site-packages && pip_install "$PY" || { log "venv setup failed"; exit 3; }
+  fi
 fi
 if ! VERSIONS=$("$PY" -c "$DEPS_CHECK, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__)" 2>>"$LOG")
 then log "$PY still cannot import varejax's dependencies"; exit 3; fi
@@ -73,7 +84,7 @@ log "python $PY: $VERSIONS"
 if [ -n "${VAREJAX_UPSTREAM_INFINITY:-}" ] && [ "$HAS_GPU" = 1 ] && ! "$PY" -c "import flash_attn" >/dev/null 2>&1; then
   # flash-attn ships no binary wheels on PyPI as a rule; try one quickly, never a source build.
   log "upstream needs flash-attn: trying a binary wheel (60 s at most)"
-  timeout 60 "$PY" -m pip install -q --only-binary=:all: flash-attn 2>&1 | tail -2 | tee -a "$LOG"
+  timeout 60 "$PY" -m pip install -q --retries 1 --timeout 10 --only-binary=:all: flash-attn 2>&1 | tail -2 | tee -a "$LOG"
 fi
 
 REMAINING=$(( LIMIT_S - $(elapsed) ))
