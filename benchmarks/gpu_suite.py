@@ -183,7 +183,9 @@ def stage_device(entry: dict, cache_dir: str | None) -> None:
                  devices=[str(d) for d in devices], jax_version=jax.__version__, jaxlib_version=jaxlib.__version__,
                  python=platform.python_version(), compilation_cache_dir=cache_dir,
                  bf16_dense_peak_tflops=None if peak is None else peak / 1e12,
-                 memory_stats_available=_memory_stats(device) is not None)
+                 memory_stats_available=_memory_stats(device) is not None,
+                 environment={k: v for k, v in sorted(os.environ.items())
+                              if k.startswith(("XLA_", "JAX_", "CUDA_VISIBLE", "NVIDIA_VISIBLE"))})
 
 
 def _memory_stats(device) -> dict | None:

@@ -24,6 +24,8 @@ STAGES = {"device", "sampling", "svare_step", "memory", "upstream", "cudnn_trace
 # The rehearsal at its smallest: 3 scales (64 px), one sampling batch of 2, deferred until after the S-VARE step
 # (the 2B run samples batch 1 first and batch 4 after it; every sampler compile costs ~5 s on a CPU).
 REHEARSAL = ["config.num_scales=3", "config.sampling.batches=(2,)", "config.sampling.deferred_batches=(2,)"]
+# cudnn asked for on a CPU: both stages must record the kernel's failure and fall back, as a GPU run would.
+CUDNN = ["config.sampling.attention_impl=cudnn", "config.svare.attention_impl=cudnn"]
 
 
 def _config(*overrides):
@@ -38,7 +40,7 @@ def _is_median(value, times):
 def rehearsal(tmp_path_factory):
     os.environ.pop("VAREJAX_UPSTREAM_INFINITY", None)   # the upstream stage must say why it did not run
     out = tmp_path_factory.mktemp("gpu_suite") / "gpu_suite.json"
-    results = gpu_suite.run_suite(_config(), str(out), cache_dir=None)
+    results = gpu_suite.run_suite(_config(*CUDNN), str(out), cache_dir=None)
     return results, json.loads(out.read_text())
 
 
@@ -80,6 +82,7 @@ def test_rehearsal_sampling_numbers_are_consistent(rehearsal):
     for key, run in sampling["runs"].items():
         batch = run["batch"]
         assert key == f"batch_{batch}" and run["status"] == "ok" and run["attention_impl"] == "xla"
+        assert set(run["attention_error"]) == {"cudnn"}   # the fallback kernel ran after cudnn failed
         assert run["compile_s"] > 0 and run["decode_compile_s"] > 0
         for field in ("sampler", "decode", "latency"):
             assert run[f"{field}_s"] > 0 and _is_median(run[f"{field}_s"], run[f"{field}_times_s"]), (key, field)
@@ -95,6 +98,7 @@ def test_rehearsal_svare_step_flops_and_mfu_fields(rehearsal):
     _, out = rehearsal
     step = out["stages"]["svare_step"]
     assert step["status"] == "ok" and step["attention_impl"] == "chunked" and step["remat"] is True
+    assert set(step["attention_error"]) == {"cudnn"}
     assert (step["mode"], step["batch"], step["L"]) == ("alternating", 2, 21)
     assert step["step_s"] > 0 and _is_median(step["step_s"], step["step_times_s"])
     assert 0 < step["trainable_params"] < step["params"]
@@ -138,6 +142,18 @@ def test_random_params_on_host_and_on_device_keep_shapes_and_dtypes():
             array = np.asarray(values[name], np.float32)
             assert values[name].shape == spec.shape and values[name].dtype == spec.dtype
             assert np.all(np.abs(array) <= 0.025) and np.unique(array).size > array.size // 2, (name, host_limit)
+
+
+def test_a_failing_stage_is_recorded_and_the_suite_goes_on(tmp_path):
+    out = tmp_path / "suite.json"
+    gpu_suite.run_suite(_config("config.sampling.batches=()", "config.sampling.deferred_batches=()",
+                                "config.svare.mode=no_such_mode", "config.cudnn_trace_check=False"),
+                        str(out), cache_dir=None)
+    results = json.loads(out.read_text())
+    step = results["stages"]["svare_step"]
+    assert step["status"] == "error" and "no_such_mode" in step["error"] and step["traceback_tail"]
+    assert results["finished"] is True and results["stages"]["upstream"]["status"] == "skipped"
+    assert "cudnn_trace" not in results["stages"]
 
 
 def test_bf16_peak_table():
