@@ -54,9 +54,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BF16_DENSE_PEAK_TFLOPS = (
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
-    ("H200", 989.0),
+    ("H200", 989.0),     # also matches GH200
     ("H100", 989.0),     # SXM: device_kind "NVIDIA H100 80GB HBM3"
-    ("GH200", 989.0),
     ("A100", 312.0),
 )
 
@@ -131,6 +130,7 @@ class Suite:
         return self.budget_s - self.elapsed()
 
     def write(self) -> None:
+        """Rewrites the JSON file (with a fresh summary) through a temporary file."""
         self.results["elapsed_s"] = round(self.elapsed(), 2)
         self.results["summary"] = summarise(self.results["stages"], self.results["size"])
         os.makedirs(os.path.dirname(os.path.abspath(self.out_path)), exist_ok=True)
@@ -140,6 +140,7 @@ class Suite:
         os.replace(tmp, self.out_path)   # a reader (or a kill) never sees half a file
 
     def entry(self, name: str) -> dict[str, Any]:
+        """The results dict of stage `name` (made empty on first use)."""
         return self.results["stages"].setdefault(name, {})
 
     @contextlib.contextmanager
@@ -165,6 +166,7 @@ class Suite:
                   flush=True)
 
     def fits(self, min_s: float) -> bool:
+        """Whether at least `min_s` seconds of the budget are left."""
         return self.remaining() >= min_s
 
 
@@ -172,6 +174,7 @@ class Suite:
 
 
 def stage_device(entry: dict, cache_dir: str | None) -> None:
+    """Prints jax.devices() and records the device, versions, cache folder, bf16 peak and XLA/JAX environment."""
     import jax
     import jaxlib
 
@@ -293,6 +296,7 @@ def suite_schedule(config):
 
 
 def model_config(config, part) -> Any:
+    """The preset's InfinityConfig with the numerics of one suite part (config.sampling or config.svare)."""
     from varejax.models.config import get_preset
 
     return get_preset(config.model_preset).replace(
@@ -330,6 +334,7 @@ class Sampling:
         self.param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))
 
     def describe(self) -> dict:
+        """Sizes and settings shared by every batch (written once into stages.sampling)."""
         from varejax.models import apply, schedules
 
         return {"schedule_scales": len(self.schedule), "L": schedules.sequence_length(self.schedule),
@@ -341,6 +346,7 @@ class Sampling:
                 "decode": bool(self.config.sampling.decode), "vae_preset": self.config.vae_preset}
 
     def run(self, batch: int, impl: str, suite: Suite) -> dict:
+        """Compiles and times the sampler (and the decode) for one batch size with attention kernel `impl`."""
         import jax
         import numpy as np
 
@@ -798,6 +804,7 @@ def run_suite(config, out_path: str, cache_dir: str | None = None) -> dict:
 
 
 def main(argv=None) -> None:
+    """Command line: --size / --config pick the config, --out the JSON file, --cache-dir the compilation cache."""
     from varejax.configlib import load_config, split_overrides
     from varejax.errors import UserError
 
