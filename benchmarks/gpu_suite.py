@@ -758,6 +758,12 @@ def run_suite(config, out_path: str, cache_dir: str | None = None) -> dict:
     platform_name = jax.devices()[0].platform
     peak = bf16_peak_flops(jax.devices()[0].device_kind)
     memory_snapshot(suite, "start")
+    if config.require_accelerator and platform_name == "cpu":
+        suite.results["stopped"] = (f"size {config.size} needs an accelerator and jax sees only a CPU "
+                                    f"(--size tiny is the CPU rehearsal; --config.require_accelerator=False forces it)")
+        print(f"[gpu_suite] {suite.results['stopped']}", flush=True)
+        suite.write()
+        return suite.results
 
     first = tuple(b for b in config.sampling.batches if b not in config.sampling.deferred_batches)
     deferred = tuple(b for b in config.sampling.batches if b in config.sampling.deferred_batches)
@@ -831,6 +837,8 @@ def main(argv=None) -> None:
     results = run_suite(config, out, cache_dir or None)
     print(json.dumps({name: stage.get("status") for name, stage in results["stages"].items()}), flush=True)
     print(f"[gpu_suite] results: {out}", flush=True)
+    if results.get("stopped"):
+        sys.exit(5)
 
 
 if __name__ == "__main__":

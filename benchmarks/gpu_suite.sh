@@ -38,11 +38,15 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >"$OUT_DIR/nvidia-smi.txt
 log "repo $REPO, out $OUT_DIR, limit ${LIMIT_S}s, gpu=$HAS_GPU, compilation cache $JAX_COMPILATION_CACHE_DIR"
 
 DEPS_CHECK="import jax, flax, optax, ml_collections, varejax.erase.step, varejax.sample.sampler"
+# On a GPU machine a python counts only if its jax sees the GPU (a carried CPU-only venv would run 2B on CPU).
+JAX_PROBE="import jax"
+if [ "$HAS_GPU" = 1 ]; then JAX_PROBE="import jax, sys; sys.exit(jax.devices()[0].platform != 'gpu')"; fi
 PY=""
 for cand in "${PYTHON:-}" "$REPO/.venv/bin/python" python3 python; do
   [ -n "$cand" ] || continue
   command -v "$cand" >/dev/null 2>&1 || continue
-  if "$cand" -c "import jax" >/dev/null 2>&1; then PY="$(command -v "$cand")"; break; fi
+  if "$cand" -c "$JAX_PROBE" >/dev/null 2>&1; then PY="$(command -v "$cand")"; break; fi
+  log "$cand: no jax$([ "$HAS_GPU" = 1 ] && echo ' that sees the GPU')"
 done
 
 REQS="$REPO/build/gpu-suite-requirements.txt"
@@ -64,7 +68,7 @@ make_venv() {  # $1: the base python; $2: extra venv flag. Sets PY to the venv's
 }
 
 if [ -z "$PY" ]; then
-  log "no python here imports jax: making build/venv-gpu"
+  log "no python here has a usable jax: making build/venv-gpu"
   BASE="$(command -v python3 || command -v python)" || { log "no python3 at all"; exit 3; }
   write_reqs 1; make_venv "$BASE" "" && pip_install "$PY" || { log "venv setup failed"; exit 3; }
 elif [ "${GPU_SUITE_FORCE_SETUP:-0}" = 1 ] || ! "$PY" -c "$DEPS_CHECK" >/dev/null 2>&1; then

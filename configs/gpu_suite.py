@@ -36,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.repeats = 3               # timed runs after the compile; the median is reported
     config.budget_s = budget_s       # the suite skips what no longer fits (the shell script also kills at its limit)
     config.min_stage_s = 30          # a stage (or one sampling batch) starts only with this much budget left
+    config.require_accelerator = size != "tiny"   # 2B on a CPU would only burn the time limit: stop instead
 
     config.sampling = ml_collections.ConfigDict()
     config.sampling.batches = batches

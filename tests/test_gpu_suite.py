@@ -156,6 +156,14 @@ def test_a_failing_stage_is_recorded_and_the_suite_goes_on(tmp_path):
     assert "cudnn_trace" not in results["stages"]
 
 
+def test_2b_on_a_cpu_stops_after_the_device_stage(tmp_path):
+    out = tmp_path / "suite.json"
+    gpu_suite.run_suite(load_config(f"{REPO / 'configs' / 'gpu_suite.py'}:2b"), str(out), cache_dir=None)
+    results = json.loads(out.read_text())
+    assert set(results["stages"]) == {"device", "memory"} and "accelerator" in results["stopped"]
+    assert results["finished"] is False
+
+
 def test_bf16_peak_table():
     assert gpu_suite.bf16_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert gpu_suite.bf16_peak_flops("NVIDIA H100 PCIe") == 756e12
