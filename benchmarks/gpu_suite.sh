@@ -12,6 +12,7 @@
 #   JAX_COMPILATION_CACHE_DIR  persistent compilation cache (default .jax_cache/ in the repo; on for every command)
 #   PYTHON                     the interpreter to try first
 #   VAREJAX_UPSTREAM_INFINITY  an upstream Infinity checkout for the upstream stage (nothing is downloaded)
+#   GPU_SUITE_FORCE_SETUP=1    take the "install the missing dependencies" path even when nothing is missing
 #
 # The python used is the first of $PYTHON, .venv/bin/python, python3, python that imports jax. Only when none
 # does is a venv made (build/venv-gpu, jax[cuda12] when nvidia-smi is present); when jax imports but flax,
