@@ -187,3 +187,28 @@ def test_chunked_attention_equals_xla(setup):
                                atol=1e-5)
     np.testing.assert_allclose(_fwd(params, text, mask, x, cfg=CFG.replace(attention_impl="chunked")),
                                _fwd(params, text, mask, x), atol=1e-5)
+
+
+def test_scale_blocked_attention_equals_masked_xla(setup):
+    """`scales` (no mask, no padding, big scales chunked) == the masked, padded `xla` path on real tokens."""
+    params, text, mask, x = setup
+    from varejax.models import attention as attn
+
+    sched = schedules.get_schedule(1.0, "0.06M")  # 7 scales, L = 521; the last (256) is one chunk of 128 x 2
+    L, Lp = schedules.sequence_length(sched), schedules.padded_length(sched, 128)
+    rng = np.random.RandomState(1)
+    q, k, v = (jnp.asarray(rng.randn(2, L, 2, 8).astype(np.float32)) for _ in range(3))
+    pad = lambda a: jnp.pad(a, ((0, 0), (0, Lp - L), (0, 0), (0, 0)))
+    masked = lambda q, k, v: attn.dot_product_attention(pad(q), pad(k), pad(v), attn.block_causal_mask(sched, Lp),
+                                                        scale=0.3)[:, :L]
+    blocks = attn.ScaleBlocks(tuple(schedules.scale_lengths(sched)))
+    blocked = lambda q, k, v: attn.dot_product_attention(q, k, v, blocks, scale=0.3, implementation="scales",
+                                                         chunk=128)
+    np.testing.assert_allclose(np.asarray(blocked(q, k, v)), np.asarray(masked(q, k, v)), atol=1e-5)
+    grads = [jax.grad(lambda *a, f=f: (f(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v) for f in (blocked, masked)]
+    for ours, reference in zip(*grads, strict=True):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), atol=1e-4)
+    with pytest.raises(ValueError, match="do not add up"):
+        blocked(q[:, :-1], k[:, :-1], v[:, :-1])
+    np.testing.assert_allclose(_fwd(params, text, mask, x, cfg=CFG.replace(attention_impl="xla")),
+                               _fwd(params, text, mask, x, cfg=CFG.replace(attention_impl="scales")), atol=1e-5)

@@ -89,8 +89,9 @@ class InfinityConfig(ModelConfig):
       matmul_precision: `jax.lax.Precision` name for float32 matmuls ("highest" gives true fp32 on
         GPU/TPU, needed for parity; "default" lets the backend use TF32/bf16 passes).
       attention_impl: "xla" (any backend), "chunked" (the same math over blocks of 256 queries, each
-        rematerialised: memory chunk x L instead of L x L, what 1024 px training needs) or "cudnn"
-        (GPU, bf16/fp16 compute only).
+        rematerialised: memory chunk x L instead of L x L, what 1024 px training needs), "cudnn"
+        (GPU, bf16/fp16 compute only) or "scales" (no mask, no padding: each scale's queries attend to
+        the key prefix they see, big scales chunked; the fastest on CPU, `models/attention.py`).
       remat: rematerialise each block in the backward pass (saves activation memory).
       lora_rank: rank r of the LoRA factors (0 = no LoRA; the official code's optional LoRA uses 4).
       lora_alpha: LoRA scale numerator: scale = alpha / r; 0 means alpha = r (scale 1).
@@ -119,7 +120,7 @@ class InfinityConfig(ModelConfig):
     compute_dtype: str = "float32"
     ca_bf16_rounding: bool = False
     matmul_precision: str = "highest"
-    attention_impl: str = "xla"
+    attention_impl: str = "scales"
     remat: bool = False
     lora_rank: int = 0
     lora_alpha: float = 0.0
@@ -143,8 +144,8 @@ class InfinityConfig(ModelConfig):
             problems.append(
                 f"the text pool has {self.pool_heads} heads (text_channels // {self.pool_head_divisor}), "
                 f"which must divide embed_dim {self.embed_dim}")
-        if self.attention_impl not in ("xla", "chunked", "cudnn"):
-            problems.append(f"attention_impl must be xla, chunked or cudnn, not {self.attention_impl!r}")
+        if self.attention_impl not in ("xla", "chunked", "cudnn", "scales"):
+            problems.append(f"attention_impl must be xla, chunked, cudnn or scales, not {self.attention_impl!r}")
         if self.matmul_precision not in ("default", "high", "highest"):
             problems.append(f"matmul_precision must be default/high/highest, not {self.matmul_precision!r}")
         if self.lora_rank < 0 or self.lora_alpha < 0:

@@ -350,11 +350,18 @@ class Infinity(nnx.Module):
         self._capture("word_embed", words)
         x = jnp.concatenate([sos, words], axis=1)
 
-        Lp = schedules.padded_length(schedule, cfg.pad_to_multiplier)
-        level = jnp.take(self.lvl_embed[...].astype(F32), jnp.asarray(schedules.scale_ids(schedule)), axis=0)
+        # `scales` attention needs no mask and no padding (the padding exists for kernels that want
+        # multiples of 128; padded rows are discarded either way).
+        by_scales = cfg.attention_impl == "scales"
+        Lp = L if by_scales else schedules.padded_length(schedule, cfg.pad_to_multiplier)
+        # Each scale's row repeated over its tokens (a static repeat, not a gather: no scatter in the backward).
+        rows = self.lvl_embed[...].astype(F32)
+        level = jnp.concatenate([jnp.broadcast_to(rows[i], (n, rows.shape[1]))
+                                 for i, n in enumerate(schedules.scale_lengths(schedule))])
         x = x + level[None]
         x = constrain(jnp.pad(x, ((0, 0), (0, Lp - L), (0, 0))), BATCH_LEN_EMBED)
-        attn_mask = attention.block_causal_mask(schedule, Lp)
+        attn_mask = (attention.ScaleBlocks(tuple(schedules.scale_lengths(schedule))) if by_scales
+                     else attention.block_causal_mask(schedule, Lp))
         cos, sin = (jnp.asarray(t) for t in rope.rope_table(schedule, cfg.head_dim, h_div_w_template, Lp))
 
         block_rngs = jax.random.split(rng_blocks, cfg.depth) if rng_blocks is not None else [None] * cfg.depth
