@@ -128,3 +128,22 @@ def test_programming_errors_keep_their_traceback(bug, monkeypatch):
     with pytest.raises(type(bug)):
         main(["config", "show", "--config", str(REPO / "configs" / "erase.py")])
     assert not isinstance(bug, UserError)
+
+
+def test_every_command_turns_the_compilation_cache_on(tmp_path, monkeypatch, capsys):
+    import jax
+
+    from varejax.cli import enable_compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        monkeypatch.setenv("VAREJAX_JAX_CACHE", str(tmp_path / "cache"))
+        assert main(["config", "show", "--config", "configs/toy_train.py:smoke"]) == 0
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
+        monkeypatch.setenv("VAREJAX_JAX_CACHE", "off")
+        assert enable_compilation_cache() is None
+        monkeypatch.delenv("VAREJAX_JAX_CACHE")
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jc"))
+        assert enable_compilation_cache() == str(tmp_path / "jc")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

@@ -97,17 +97,24 @@ def scale_blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, blocks: Sc
     """Block-causal attention without a mask: each scale's queries against the key prefix they see."""
     if sum(blocks.lengths) != q.shape[1] or k.shape[1] != q.shape[1]:
         raise ValueError(f"scale lengths {blocks.lengths} do not add up to the sequence length {q.shape[1]}")
+    # Heads-major once ([B, H, L, hd]), so that every scale's slice is contiguous for its matmuls.
+    qh, kh, vh = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
     outs, end = [], 0
     for n in blocks.lengths:
         start, end = end, end + n
-        q_scale, k_seen, v_seen = q[:, start:end], k[:, :end], v[:, :end]
-        if n > chunk:
-            outs.append(chunked_attention(q_scale, k_seen, v_seen, None, scale=scale, precision=precision,
-                                          chunk=chunk))
-        else:
-            outs.append(dot_product_attention(q_scale, k_seen, v_seen, None, scale=scale, implementation="xla",
-                                              precision=precision))
-    return jnp.concatenate(outs, axis=1)
+        k_seen, v_seen = kh[:, :, :end], vh[:, :, :end]
+        q_chunks = [qh[:, :, c:min(c + chunk, end)] for c in range(start, end, chunk)]
+        one = _heads_major_attention if len(q_chunks) == 1 else jax.checkpoint(_heads_major_attention)
+        outs += [one(q_chunk, k_seen, v_seen, scale, precision) for q_chunk in q_chunks]
+    return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3).astype(q.dtype)
+
+
+def _heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, precision: str) -> jax.Array:
+    """Unmasked softmax attention on [B, H, L, hd] inputs (float32 softmax); returns [B, H, Lq, hd]."""
+    logits = jnp.einsum("bhld,bhmd->bhlm", q, k, precision=precision, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits * scale, axis=-1)
+    return jnp.einsum("bhlm,bhmd->bhld", weights.astype(v.dtype), v, precision=precision,
+                      preferred_element_type=jnp.float32).astype(q.dtype)
 
 
 def block_causal_mask(schedule: schedules.Schedule, padded_length: int | None = None) -> jax.Array:
