@@ -174,6 +174,46 @@ def jax_saved_residual_bytes(inputs: dict) -> int:
     return total
 
 
+def abstract_opt_state(params, scfg, mesh, rules, placement: str = "steady"):
+    """The optimiser state as sharded ShapeDtypeStructs.
+
+    "steady": every moment sharded like its parameter, as each training step returns it (GSPMD propagates
+    the parameters' sharding into the update), so every step after the first.
+    "trainer_init": as the trainer's jitted `init_opt_state` returns it. Its zeros do not depend on the
+    parameters' values, so nothing propagates their sharding and the moments come back replicated:
+    the first step then holds the whole state on every device.
+    """
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from varejax.erase import optim
+    from varejax.parallel import sharding_context
+
+    shapes = jax.eval_shape(lambda p: optim.init_opt_state(p, scfg.optim), params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    if placement == "trainer_init":
+        with sharding_context(mesh, rules):
+            init = jax.jit(lambda p: optim.init_opt_state(p, scfg.optim)).lower(params).compile()
+
+        def placed(shape, sharding):  # scalars come back on one device: replicate them
+            sharding = sharding if isinstance(sharding, NamedSharding) else replicated
+            return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
+
+        return jax.tree.map(placed, shapes, init.output_shardings)
+    if placement != "steady":
+        raise ValueError(f"config.memory.opt_state_sharding must be steady or trainer_init, not {placement!r}")
+    train = optim.trainable_params(params, scfg.optim.trainable)
+
+    def like_param(key_path, shape):
+        for key in key_path:  # mu / nu are dicts keyed by the parameter's path
+            path = getattr(key, "key", None)
+            if isinstance(path, tuple) and path in train:
+                return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=train[path].sharding)
+        return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=replicated)
+
+    return jax.tree_util.tree_map_with_path(like_param, shapes)
+
+
 def lower_training_step(config, remat: bool | None = None, depth: int | None = None) -> tuple[Any, dict]:
     """Lowers the training iteration of `config` (remat / depth overridden when given) on abstract inputs.
 
@@ -181,10 +221,8 @@ def lower_training_step(config, remat: bool | None = None, depth: int | None = N
     opt_state, batch, L, Lp, lower_s). Nothing is allocated.
     """
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec
 
     from varejax.configlib import rules_tuple
-    from varejax.erase import optim
     from varejax.erase.step import jit_step
     from varejax.erase.trainer import UPDATES, svare_config
     from varejax.models import apply, schedules
@@ -203,17 +241,7 @@ def lower_training_step(config, remat: bool | None = None, depth: int | None = N
     scfg = svare_config(config)
 
     params = abstract_sharded_state(apply.abstract_params(cfg), mesh, rules)
-    with sharding_context(mesh, rules):
-        # The trainer builds the optimiser state with this jitted init: its output shardings are the state's.
-        init = jax.jit(lambda p: optim.init_opt_state(p, scfg.optim)).lower(params).compile()
-    opt_shapes = jax.eval_shape(lambda p: optim.init_opt_state(p, scfg.optim), params)
-    replicated = NamedSharding(mesh, PartitionSpec())  # scalars come back on one device: replicate them
-
-    def placed(shape, sharding):
-        sharding = sharding if isinstance(sharding, NamedSharding) else replicated
-        return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
-
-    opt_state = jax.tree.map(placed, opt_shapes, init.output_shardings)
+    opt_state = abstract_opt_state(params, scfg, mesh, rules, str(config.memory.opt_state_sharding))
     batch = abstract_batch(cfg, config, mesh, rules, L)
     rng = jax.eval_shape(lambda: jax.random.fold_in(jax.random.key(0), 0))
 
@@ -284,7 +312,8 @@ def estimate(config, remat: bool | None = None, depth: int | None = None, keep_h
                      "remat": cfg.remat, "attention_impl": cfg.attention_impl, "attention_chunk": 256,
                      "param_dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype,
                      "matmul_precision": cfg.matmul_precision, "bf16_params": bool(config.train.bf16_params),
-                     "drop_path_rate": cfg.drop_path_rate, "cond_drop_rate": cfg.cond_drop_rate},
+                     "drop_path_rate": cfg.drop_path_rate, "cond_drop_rate": cfg.cond_drop_rate,
+                     "opt_state_sharding": str(config.memory.opt_state_sharding)},
         "params": {"total": sum(math.prod(v.shape) for v in flat.values()),
                    "trainable": sum(math.prod(v.shape) for v in trainable.values()),
                    "frozen": sum(math.prod(v.shape) for v in frozen.values())},

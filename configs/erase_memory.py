@@ -48,6 +48,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # CPU scheduler of the compile: "memory_optimized" (closer to a GPU/TPU's memory-aware scheduling),
     # "concurrency_optimized" or "default" (XLA's CPU default, which keeps many more buffers live).
     config.memory.cpu_scheduler = "memory_optimized"
+    # "steady": AdamW moments sharded like their parameters (what every step returns); "trainer_init": as
+    # the trainer's init creates them (replicated on every device: the first step of a multi-device run).
+    config.memory.opt_state_sharding = "steady"
     # Also compile the same program with one block (seconds) for the remat model of the peak.
     config.memory.block_probe = True
     config.memory.baseline_remat_toggled = False  # also compile with train.remat flipped (a second compile)

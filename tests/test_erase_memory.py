@@ -94,3 +94,26 @@ def test_remat_model_adds_up(tiny):
         + working_set
     assert model["peak_GiB"] == pytest.approx(expected / 1024 ** 3, abs=1e-3)
     assert result["fits_80gb"] is (expected / 1024 ** 3 <= result["budget_GiB"])
+
+
+def test_opt_state_placement(tiny):
+    """Steady state: AdamW moments sharded like their parameters; the trainer's init: replicated (first step)."""
+    script, _, _ = tiny
+    from varejax.configlib import rules_tuple
+    from varejax.erase import optim
+    from varejax.erase.trainer import svare_config
+    from varejax.models import apply
+    from varejax.parallel import abstract_sharded_state, make_mesh
+
+    config = load_config(f"{ROOT / 'configs' / 'erase_memory.py'}:tiny", ["config.mesh.shape=(1, 2, 4)"])
+    mesh, rules, scfg = make_mesh((1, 2, 4)), rules_tuple(config.mesh.rules), svare_config(config)
+    params = abstract_sharded_state(apply.abstract_params(script.training_model_config(config)), mesh, rules)
+    steady = script.abstract_opt_state(params, scfg, mesh, rules, "steady")
+    first = script.abstract_opt_state(params, scfg, mesh, rules, "trainer_init")
+    train = optim.trainable_params(params, scfg.optim.trainable)
+    mu = steady.inner_state[1].mu
+    assert all(mu[path].sharding == leaf.sharding for path, leaf in train.items())
+    assert any(not leaf.sharding.is_fully_replicated for leaf in train.values())
+    assert script.per_device_bytes(steady) < script.per_device_bytes(first)
+    with pytest.raises(ValueError, match="opt_state_sharding"):
+        script.abstract_opt_state(params, scfg, mesh, rules, "sharded")
