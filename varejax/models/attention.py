@@ -19,13 +19,13 @@ token 0 and are never seen, so they change nothing, as upstream.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from varejax.models import schedules
-
 
 IMPLEMENTATIONS = ("xla", "chunked", "cudnn", "scales")
 
@@ -50,8 +50,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
         return scale_blocked_attention(q, k, v, mask, scale=scale, precision=precision, chunk=chunk)
     if implementation == "scales":  # an ordinary mask (text rows, KV-cache steps): plain attention
         implementation = "xla"
-    if implementation == "cudnn":
+    if implementation == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16):
+        if mask is not None:  # cuDNN wants the mask at full [B, H, Lq, Lk] size (a text mask is [B, 1, 1, T])
+            mask = jnp.broadcast_to(mask, mask.shape[:2] + (q.shape[1], k.shape[1]))
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+    if implementation == "cudnn":  # float32 (the text pool, parity runs): cuDNN has no kernel for it
+        implementation = "xla"
     if implementation == "chunked":
         return chunked_attention(q, k, v, mask, scale=scale, precision=precision)
     if implementation != "xla":
@@ -104,12 +108,13 @@ def scale_blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, blocks: Sc
         start, end = end, end + n
         k_seen, v_seen = kh[:, :, :end], vh[:, :, :end]
         q_chunks = [qh[:, :, c:min(c + chunk, end)] for c in range(start, end, chunk)]
-        one = _heads_major_attention if len(q_chunks) == 1 else jax.checkpoint(_heads_major_attention)
-        outs += [one(q_chunk, k_seen, v_seen, scale, precision) for q_chunk in q_chunks]
+        one = functools.partial(_heads_major_attention, scale=scale, precision=precision)
+        one = one if len(q_chunks) == 1 else jax.checkpoint(one)  # chunks: recomputed in the backward
+        outs += [one(q_chunk, k_seen, v_seen) for q_chunk in q_chunks]
     return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
-def _heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, precision: str) -> jax.Array:
+def _heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, precision: str) -> jax.Array:
     """Unmasked softmax attention on [B, H, L, hd] inputs (float32 softmax); returns [B, H, Lq, hd]."""
     logits = jnp.einsum("bhld,bhmd->bhlm", q, k, precision=precision, preferred_element_type=jnp.float32)
     weights = jax.nn.softmax(logits * scale, axis=-1)
