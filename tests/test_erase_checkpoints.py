@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -65,3 +66,19 @@ def test_missing_parameter_and_changed_shape_fail(tmp_path):
                                                       r"\(3, 5\) float32"):
         checkpoints.restore(1, wider)
     checkpoints.close()
+
+
+def test_saves_are_asynchronous_but_safe_to_donate(tmp_path):
+    """save() returns before the files are written, yet it has its own copy: the caller may free (donate)
+    the arrays at once, and restore() / close() wait for the write."""
+    state = _state(KERNELS, seed=3)
+    expected = jax.tree.map(np.asarray, state)
+    checkpoints = Checkpoints(tmp_path / "ckpt")
+    checkpoints.save(7, state)
+    for leaf in jax.tree.leaves(state):
+        leaf.delete()  # what a donating training step does to the buffers right after a save
+    restored = checkpoints.restore(7, like=_state(KERNELS, seed=4))
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    checkpoints.close()
+    assert Checkpoints(tmp_path / "ckpt").latest_step() == 7

@@ -91,7 +91,12 @@ class Checkpoints:
     def save(self, step: int, state: Any) -> None:
         import orbax.checkpoint as ocp
 
+        # Asynchronous: orbax copies the arrays to host memory before returning, then writes them in the
+        # background while training goes on; the next save, a restore and close() wait for it.
         self.manager.save(step, args=ocp.args.StandardSave(_nest(named_leaves(state))), force=True)
+
+    def wait(self) -> None:
+        """Blocks until the last save is on disk."""
         self.manager.wait_until_finished()
 
     def restore(self, step: int, like: Any) -> Any:
@@ -103,6 +108,7 @@ class Checkpoints:
         """
         import orbax.checkpoint as ocp
 
+        self.wait()
         leaves, treedef = jax.tree.flatten(like)
         wanted = named_leaves(like)
         stored = named_leaves(self.manager.item_metadata(step).tree)
@@ -137,6 +143,7 @@ class Checkpoints:
             f"config.train.bf16_params changed? Use a new --workdir, or delete {self.directory} to restart.")
 
     def close(self) -> None:
+        self.wait()
         self.manager.close()
 
 
