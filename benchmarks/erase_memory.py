@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -381,6 +382,7 @@ def main() -> None:
         base = estimate(config, remat=not bool(config.train.remat))
         result["baseline_remat_toggled"] = base
         result["peak_ratio_vs_baseline"] = round(result["per_device_GiB"]["peak"] / base["per_device_GiB"]["peak"], 3)
+    result["command"] = " ".join(["python", os.path.relpath(os.path.abspath(sys.argv[0]))] + sys.argv[1:])
     text = json.dumps(result, indent=1)
     print(text)
     if config.memory.out:

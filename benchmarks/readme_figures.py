@@ -291,7 +291,41 @@ def parity_block() -> str:
             + _source("benchmarks/results/parity.json", "benchmarks/results/parity_default_opt.json"))
 
 
+VS_UPSTREAM_PATHS = {"forward": "teacher-forced forward", "grad": "forward + backward of the bit loss",
+                     "grad_remat": "the same with per-block remat (upstream: full-block checkpointing)",
+                     "svare": "one S-VARE iteration (erase + preserve pass, clip, AdamW on CA + FFN)",
+                     "sample": "CFG sampling of every scale, KV cache"}
+
+
+def _ms(cell: dict) -> str:
+    return f"{cell['median']:.0f} ({cell['min']:.0f}-{cell['max']:.0f})"
+
+
+def _ratio(cell: dict) -> str:
+    return f"**{cell['median']:.2f}x** ({cell['min']:.2f}-{cell['max']:.2f})"
+
+
+def vs_upstream_block() -> str:
+    data = result("vs_upstream")
+    ms, ratio = data["ms"], data["upstream_over_ours"]
+    rows = [[VS_UPSTREAM_PATHS.get(name, name), _ms(ms["upstream_fp32"][name]), _ms(ms["ours_fp32"][name]),
+             _ratio(ratio["ours_fp32"][name]), _ms(ms["ours_bf16"][name]), _ratio(ratio["ours_bf16"][name])]
+            for name in ms["upstream_fp32"]]
+    header = ["path", "upstream fp32 (ms)", "ours fp32 (ms)", "upstream / ours fp32", "ours bf16 compute (ms)",
+              "upstream fp32 / ours bf16"]
+    machine = data["machine"]
+    return (_table(header, rows) + "\n\n"
+            + f"Preset `{data['preset']}` with d = {data['d']}, batch {data['batch']}, text lengths "
+            + f"{data['text_lengths']}, {data['scales']} scales (L = {data['L']}), our attention "
+            + f"`{data['attention_impl']}`; median of {data['runs']} runs (each the median of "
+            + f"{data['steps_per_run']} calls), min-max in brackets; {machine['cpus']} CPU cores, jax "
+            + f"{machine['jax']}, torch {machine['torch']}. Command: `VAREJAX_UPSTREAM_INFINITY=CHECKOUT "
+            + f"{data['command']}`. "
+            + _source("benchmarks/results/vs_upstream.json"))
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
+    "vs_upstream": vs_upstream_block,
     "parity": parity_block,
     "toy_world": world_block,
     "toy_base_values": base_values_block,

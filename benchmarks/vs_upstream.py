@@ -240,7 +240,9 @@ def main() -> None:
         for name in names:
             for side, paths in sides.items():
                 times[side][name].append(_median_ms(paths[name], config.steps))
-    result = {"size": config.size, "preset": config.model_preset, "L": schedules.sequence_length(schedule),
+    result = {"command": " ".join(["python", os.path.relpath(os.path.abspath(sys.argv[0]))] + sys.argv[1:]),
+              "upstream_checkout": "$VAREJAX_UPSTREAM_INFINITY" if upstream_dir else None,
+              "size": config.size, "preset": config.model_preset, "L": schedules.sequence_length(schedule),
               "scales": len(schedule), "batch": config.batch, "text_lengths": list(config.text_lengths),
               "d": cfg.bits_per_token, "attention_impl": config.attention_impl, "runs": config.runs,
               "steps_per_run": config.steps, "machine": {"cpus": os.cpu_count(), "processor": platform.processor(),
