@@ -42,7 +42,7 @@ def test_grid_phase_changes_only_the_background_pattern():
     patterned = free.labels["background"] != int(world.Background.PLAIN)
     plain = ~patterned
     np.testing.assert_array_equal(free.images[plain], grid.images[plain])
-    assert all(not np.array_equal(f, g) for f, g in zip(free.images[patterned], grid.images[patterned]))
+    assert all(not np.array_equal(f, g) for f, g in zip(free.images[patterned], grid.images[patterned], strict=True))
     # aligned: the pattern repeats with the 16 px period from the image's corner (dots centred in each cell)
     dotted = np.flatnonzero(grid.labels["background"] == int(world.Background.DOTTED))
     corner = grid.images[dotted[0], :16, :16].astype(int)
