@@ -62,30 +62,11 @@ def upstream(config, cfg, schedule, text, mask, path):
 
     upstream_shims.install(path)
     import torch
-    from infinity.models.infinity import Infinity
 
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
-    d = cfg.codebook_dim
-
-    class Codes:  # the part of the tokenizer the sampler touches: bits -> codes
-        z_interplote_up = "trilinear"
-
-        class lfq:  # noqa: N801 - mirrors upstream's attribute name
-            mask = 2 ** torch.arange(d - 1, -1, -1)
-
-            @staticmethod
-            def indices_to_codes(bits, label_type):
-                return ((2 * bits.float() - 1) / d ** 0.5).permute(0, 4, 1, 2, 3)
-
-    class Tokenizer:
-        embed_dim, vocab_size, quantizer = d, 2 ** d, Codes
-
-    model = Infinity(Tokenizer(), text_channels=cfg.text_channels, text_maxlen=cfg.text_maxlen,
-                     embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-                     block_chunks=max(2, cfg.block_chunks), shared_aln=True, cos_attn=True, rope2d_each_sa_layer=1,
-                     rope2d_normalized_by_hw=2, pad_to_multiplier=128, fused_norm=True, use_bit_label=1,
-                     add_lvl_embeding_only_first_block=1, inference_mode=True, cond_drop_rate=0.0).eval()
+    model, Tokenizer = upstream_shims.build_infinity(cfg, inference=True)
+    model = model.eval()
     lens = mask.sum(1).astype(int)
     kv = torch.from_numpy(np.concatenate([t[:n] for t, n in zip(text, lens, strict=True)]))
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32)

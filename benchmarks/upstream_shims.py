@@ -84,3 +84,39 @@ def install(upstream_path: str) -> None:
             sys.modules["pytz"] = pytz
     if upstream_path not in sys.path:
         sys.path.insert(0, upstream_path)
+
+
+def bits_tokenizer(d: int):
+    """A stand-in for upstream's tokenizer with the parts its transformer and sampler touch (bits -> codes)."""
+    import torch
+
+    class Codes:
+        z_interplote_up = "trilinear"
+
+        class lfq:  # noqa: N801 - mirrors upstream's attribute name
+            mask = 2 ** torch.arange(d - 1, -1, -1)
+
+            @staticmethod
+            def indices_to_codes(bits, label_type):
+                return ((2 * bits.float() - 1) / d ** 0.5).permute(0, 4, 1, 2, 3)
+
+    class Tokenizer:
+        embed_dim, vocab_size, quantizer = d, 2 ** d, Codes
+
+    return Tokenizer
+
+
+def build_infinity(cfg, inference: bool):
+    """Upstream's `Infinity` (from the installed checkout) with the sizes of our InfinityConfig `cfg`, in the
+    released models' settings (shared ada-LN, cosine attention, 2-D rope, bit labels, padding to 128),
+    condition dropout off. Returns (model, tokenizer stand-in class)."""
+    from infinity.models.infinity import Infinity
+
+    tokenizer = bits_tokenizer(cfg.bits_per_token)
+    model = Infinity(tokenizer(), text_channels=cfg.text_channels, text_maxlen=cfg.text_maxlen,
+                     embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+                     block_chunks=max(2, cfg.block_chunks), shared_aln=True, cos_attn=True, rope2d_each_sa_layer=1,
+                     rope2d_normalized_by_hw=2, pad_to_multiplier=128, fused_norm=True, use_bit_label=1,
+                     add_lvl_embeding_only_first_block=1, inference_mode=inference, cond_drop_rate=0.0)
+    return model, tokenizer
+

@@ -103,33 +103,14 @@ def upstream_paths(config, cfg, schedule, inputs, path: str) -> dict:
     upstream_shims.install(path)
     import torch
     import torch.nn.functional as F
-    from infinity.models.infinity import Infinity
 
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     torch.manual_seed(config.seed)
     d = cfg.bits_per_token
 
-    class Codes:  # the part of the tokenizer the sampler touches: bits -> codes
-        z_interplote_up = "trilinear"
-
-        class lfq:  # noqa: N801 - mirrors upstream's attribute name
-            mask = 2 ** torch.arange(d - 1, -1, -1)
-
-            @staticmethod
-            def indices_to_codes(bits, label_type):
-                return ((2 * bits.float() - 1) / d ** 0.5).permute(0, 4, 1, 2, 3)
-
-    class Tokenizer:
-        embed_dim, vocab_size, quantizer = d, 2 ** d, Codes
-
     def build(inference: bool):
-        return Infinity(Tokenizer(), text_channels=cfg.text_channels, text_maxlen=cfg.text_maxlen,
-                        embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-                        block_chunks=max(2, cfg.block_chunks), shared_aln=True, cos_attn=True,
-                        rope2d_each_sa_layer=1, rope2d_normalized_by_hw=2, pad_to_multiplier=128, fused_norm=True,
-                        use_bit_label=1, add_lvl_embeding_only_first_block=1, inference_mode=inference,
-                        cond_drop_rate=0.0)
+        return upstream_shims.build_infinity(cfg, inference)[0]
 
     lens = inputs["lens"]
 
@@ -194,12 +175,12 @@ def upstream_paths(config, cfg, schedule, inputs, path: str) -> dict:
         torch.nn.utils.clip_grad_norm_(trainable, 5.0)
         opt.step()
 
-    sampler = build(True).eval()
+    sampler, tokenizer = build(True).eval(), upstream_shims.bits_tokenizer(d)
     n = len(sched)
 
     def sample():
         with torch.no_grad():
-            sampler.autoregressive_infer_cfg(vae=Tokenizer(), scale_schedule=sched, label_B_or_BLT=anchor, B=B,
+            sampler.autoregressive_infer_cfg(vae=tokenizer(), scale_schedule=sched, label_B_or_BLT=anchor, B=B,
                                              cfg_list=[config.guidance] * n, tau_list=[config.tau] * n, top_k=900,
                                              top_p=0.97, g_seed=config.seed, returns_vemb=1, cfg_insertion_layer=[0],
                                              vae_type=1, ret_img=False, inference_mode=True)
