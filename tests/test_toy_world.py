@@ -458,3 +458,10 @@ def test_reduced_main_job_writes_its_report(toy_job):
     assert pairs and all("circle" in p["target"] and "circle" not in p["anchor"] for p in pairs)
     steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == results["train_steps"]
+
+
+def test_config_fields_added_later_keep_recorded_values():
+    from varejax.toy.assets import with_added_config_fields
+
+    assert with_added_config_fields({"data": {"n_train": 1}})["data"] == {"n_train": 1, "pattern_phase": "free"}
+    assert with_added_config_fields({"data": {"pattern_phase": "grid"}})["data"]["pattern_phase"] == "grid"

@@ -33,9 +33,29 @@ def _require(path: Path) -> Path:
     return path
 
 
+# Training-config fields added after a world.json was written, with the value that reproduces what the code
+# did before the field existed (a world trained then recorded no value for it).
+CONFIG_FIELDS_ADDED = {("data", "pattern_phase"): "free"}
+
+
+def with_added_config_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """A recorded training config with every later-added field filled in (`CONFIG_FIELDS_ADDED`)."""
+    config = json.loads(json.dumps(config))
+    for (*parents, name), value in CONFIG_FIELDS_ADDED.items():
+        node = config
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node.setdefault(name, value)
+    return config
+
+
 def toy_world_info() -> dict[str, Any]:
-    """The shipped `world.json`: world version, schedule, accuracies, timings, training config."""
-    return json.loads(_require(asset_dir() / WORLD_FILE).read_text())
+    """The shipped `world.json`: world version, schedule, accuracies, timings, training config (fields added
+    to the config since it was written filled with the value the code used before them)."""
+    info = json.loads(_require(asset_dir() / WORLD_FILE).read_text())
+    if "config" in info:
+        info["config"] = with_added_config_fields(info["config"])
+    return info
 
 
 def load_toy_pipeline(*, text_cache_dir: str | None = None, mesh: Any = None, rules: Any = None,
