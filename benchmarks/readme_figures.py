@@ -321,7 +321,18 @@ def vs_upstream_block() -> str:
             + f"{data['steps_per_run']} calls), min-max in brackets; {machine['cpus']} CPU cores, jax "
             + f"{machine['jax']}, torch {machine['torch']}. Command: `VAREJAX_UPSTREAM_INFINITY=CHECKOUT "
             + f"{data['command']}`. "
-            + _source("benchmarks/results/vs_upstream.json"))
+            + _source("benchmarks/results/vs_upstream.json") + "\n\n" + _rerun_line())
+
+
+def _rerun_line() -> str:
+    """The same command re-run later on the same machine: how far the ratios move between runs."""
+    data = result("vs_upstream_rerun")["upstream_over_ours"]["ours_fp32"]
+    first = result("vs_upstream")["upstream_over_ours"]["ours_fp32"]["grad"]["median"]
+    cells = ", ".join(f"{name} {_ratio(cell)}" for name, cell in data.items())
+    return ("A re-run of the same command later on the same machine (upstream / ours fp32): " + cells
+            + f". Between the two runs forward + backward moved from {first:.2f}x to {data['grad']['median']:.2f}x: "
+            + "read each ratio with both runs. "
+            + _source("benchmarks/results/vs_upstream_rerun.json"))
 
 
 BLOCKS: dict[str, Callable[[], str]] = {

@@ -204,10 +204,11 @@ def test_scale_blocked_attention_equals_masked_xla(setup):
     blocks = attn.ScaleBlocks(tuple(schedules.scale_lengths(sched)))
     blocked = lambda q, k, v: attn.dot_product_attention(q, k, v, blocks, scale=0.3, implementation="scales",
                                                          chunk=128)
-    np.testing.assert_allclose(np.asarray(blocked(q, k, v)), np.asarray(masked(q, k, v)), atol=1e-5)
+    # Only float32 summation order differs (measured: values 4e-7, gradients 6e-6 on gradients of size ~5).
+    np.testing.assert_allclose(np.asarray(blocked(q, k, v)), np.asarray(masked(q, k, v)), atol=2e-6)
     grads = [jax.grad(lambda *a, f=f: (f(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v) for f in (blocked, masked)]
     for ours, reference in zip(*grads, strict=True):
-        np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), atol=1e-4)
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), atol=2e-5)
     with pytest.raises(ValueError, match="do not add up"):
         blocked(q[:, :-1], k[:, :-1], v[:, :-1])
     np.testing.assert_allclose(_fwd(params, text, mask, x, cfg=CFG.replace(attention_impl="xla")),
