@@ -213,3 +213,33 @@ def test_scale_blocked_attention_equals_masked_xla(setup):
         blocked(q[:, :-1], k[:, :-1], v[:, :-1])
     np.testing.assert_allclose(_fwd(params, text, mask, x, cfg=CFG.replace(attention_impl="xla")),
                                _fwd(params, text, mask, x, cfg=CFG.replace(attention_impl="scales")), atol=1e-5)
+
+
+def test_grad_boundaries_change_no_gradient_and_stay_in_the_cpu_program(setup):
+    """The residual-gradient boundary is an identity: the same loss and gradients with it on and off;
+    on CPU it survives compilation as a conditional (what keeps XLA from recomputing the chain)."""
+    params, text, mask, x = setup
+    from varejax.models.layers import materialize_cotangent
+
+    bits = (np.random.RandomState(3).rand(2, L, CFG.bits_per_token) > 0.5).astype(np.int32)
+    results, programs = {}, {}
+    for mode in ("on", "off"):
+        cfg = CFG.replace(grad_boundaries=mode)
+        fn = jax.jit(jax.value_and_grad(lambda p, cfg=cfg: bit_loss.loss_fn(p, text, mask, x, bits, SCHEDULE,
+                                                                             cfg=cfg)))
+        results[mode] = jax.tree.leaves(fn(params))
+        programs[mode] = fn.lower(params).compile().as_text()
+    for with_boundary, without in zip(results["on"], results["off"], strict=True):
+        np.testing.assert_allclose(np.asarray(with_boundary), np.asarray(without), rtol=0, atol=1e-6)
+    assert programs["on"].count(" conditional(") == 3 * CFG.depth
+    assert " conditional(" not in programs["off"]
+    # "auto" is on for the CPU backend; a non-finite first activation makes the whole gradient NaN, never finite.
+    g = jax.grad(lambda v: (materialize_cotangent(v, "auto") * jnp.array([1.0, 2.0])).sum())(jnp.ones(2))
+    np.testing.assert_array_equal(np.asarray(g), [1.0, 2.0])
+    bad = jax.grad(lambda v: (materialize_cotangent(v * jnp.array([jnp.inf, 2.0]), "on")).sum())(jnp.ones(2))
+    assert np.isnan(np.asarray(bad)).all()
+    # forward mode works too (tests/test_svare_step.py propagates updates with jax.jvp)
+    tangent = jax.jvp(lambda v: materialize_cotangent(jnp.sin(v), "on"), (jnp.ones(2),), (jnp.ones(2),))[1]
+    np.testing.assert_allclose(np.asarray(tangent), np.cos(np.ones(2)), rtol=1e-6)
+    with pytest.raises(ValueError, match="grad_boundaries"):
+        CFG.replace(grad_boundaries="sometimes")

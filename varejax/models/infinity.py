@@ -15,6 +15,8 @@ With `cfg.lora_rank > 0` the block Dense layers named by `cfg.lora_targets` carr
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +31,7 @@ from varejax.models.layers import (
     RMSNorm,
     drop_path,
     gelu_tanh,
+    materialize_cotangent,
     layer_norm,
     lora_a_init,
     param,
@@ -231,11 +234,12 @@ class CrossAttnBlock(nnx.Module):
         q, k, v = self.sa.project(h, cos, sin)
         if cache is not None:
             k, v = jnp.concatenate([cache[0], k], axis=1), jnp.concatenate([cache[1], v], axis=1)
-        x = x + drop_path(self.sa.attend(q, k, v, attn_mask) * gamma1, self.drop_path_rate, rng_sa)
-        x = x + self.ca.attend_text(self.ca_norm(x), *text_kv, text_mask)
+        boundary = functools.partial(materialize_cotangent, mode=self.cfg.grad_boundaries)
+        x = boundary(x + drop_path(self.sa.attend(q, k, v, attn_mask) * gamma1, self.drop_path_rate, rng_sa))
+        x = boundary(x + self.ca.attend_text(self.ca_norm(x), *text_kv, text_mask))
         h = layer_norm(x, eps) * (1 + scale2) + shift2
         x = x + drop_path(self.ffn(h) * gamma2, self.drop_path_rate, rng_ffn)
-        return constrain(x, BATCH_LEN_EMBED), (k, v)
+        return boundary(constrain(x, BATCH_LEN_EMBED)), (k, v)
 
 
 def _remat_block(block: CrossAttnBlock, *args: jax.Array | None) -> jax.Array:
