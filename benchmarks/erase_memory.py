@@ -178,11 +178,11 @@ def jax_saved_residual_bytes(inputs: dict) -> int:
 def abstract_opt_state(params, scfg, mesh, rules, placement: str = "steady"):
     """The optimiser state as sharded ShapeDtypeStructs.
 
-    "steady": every moment sharded like its parameter, as each training step returns it (GSPMD propagates
-    the parameters' sharding into the update), so every step after the first.
-    "trainer_init": as the trainer's jitted `init_opt_state` returns it. Its zeros do not depend on the
-    parameters' values, so nothing propagates their sharding and the moments come back replicated:
-    the first step then holds the whole state on every device.
+    "steady": every moment sharded like its parameter (`optim.opt_state_shardings`), as each training step
+    returns it and as the trainer's `optim.init_opt_state_sharded` creates it.
+    "trainer_init": what a plain `jax.jit(init_opt_state)` returns (the trainer's init before that fix):
+    its zeros depend on no sharded input, so the moments come back replicated and the first step holds
+    the whole state on every device (results/erase_memory_8b_first_step.json).
     """
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
@@ -191,8 +191,8 @@ def abstract_opt_state(params, scfg, mesh, rules, placement: str = "steady"):
     from varejax.parallel import sharding_context
 
     shapes = jax.eval_shape(lambda p: optim.init_opt_state(p, scfg.optim), params)
-    replicated = NamedSharding(mesh, PartitionSpec())
     if placement == "trainer_init":
+        replicated = NamedSharding(mesh, PartitionSpec())
         with sharding_context(mesh, rules):
             init = jax.jit(lambda p: optim.init_opt_state(p, scfg.optim)).lower(params).compile()
 
@@ -203,16 +203,8 @@ def abstract_opt_state(params, scfg, mesh, rules, placement: str = "steady"):
         return jax.tree.map(placed, shapes, init.output_shardings)
     if placement != "steady":
         raise ValueError(f"config.memory.opt_state_sharding must be steady or trainer_init, not {placement!r}")
-    train = optim.trainable_params(params, scfg.optim.trainable)
-
-    def like_param(key_path, shape):
-        for key in key_path:  # mu / nu are dicts keyed by the parameter's path
-            path = getattr(key, "key", None)
-            if isinstance(path, tuple) and path in train:
-                return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=train[path].sharding)
-        return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=replicated)
-
-    return jax.tree_util.tree_map_with_path(like_param, shapes)
+    return jax.tree.map(lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+                        shapes, optim.opt_state_shardings(params, scfg.optim))
 
 
 def lower_training_step(config, remat: bool | None = None, depth: int | None = None) -> tuple[Any, dict]:

@@ -397,3 +397,36 @@ def set_hyperparams(opt_state: optax.OptState, **values: float) -> optax.OptStat
 def adam_step_count(opt_state: optax.OptState) -> jax.Array:
     """torch's `step` of the shared AdamW state (2 after one official iteration)."""
     return opt_state.inner_state[1].count
+
+
+
+def opt_state_shardings(params: nnx.State, ocfg: OptimConfig = OptimConfig()) -> Any:
+    """The shardings of `init_opt_state(params, ocfg)` laid out like the parameters: each moment as its
+    parameter, scalars (step count, injected hyperparameters) replicated. `params` may be arrays or
+    ShapeDtypeStructs with shardings; None when they carry none (then nothing needs laying out)."""
+    train = trainable_params(params, ocfg.trainable)
+    shardings = [s for s in (getattr(leaf, "sharding", None) for leaf in train.values()) if s is not None]
+    if not shardings:
+        return None
+    first = shardings[0]
+    replicated = (jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec())
+                  if isinstance(first, jax.sharding.NamedSharding) else first)
+
+    def like_its_parameter(path, leaf):
+        for entry in reversed(path):  # mu / nu are dicts keyed by the parameter's path
+            key = getattr(entry, "key", None)
+            if isinstance(key, tuple) and key in train and tuple(train[key].shape) == tuple(leaf.shape):
+                return train[key].sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(like_its_parameter, jax.eval_shape(make_optimizer(ocfg).init, train))
+
+
+def init_opt_state_sharded(params: nnx.State, ocfg: OptimConfig = OptimConfig()) -> optax.OptState:
+    """`init_opt_state` compiled so that every moment is laid out like its parameter.
+
+    Under plain `jax.jit` the zeros of AdamW's moments depend on no sharded input, so XLA makes them
+    replicated: for the 8B model on an FSDP x tensor mesh that was 45.9 GiB of moments on every device
+    (benchmarks/results/erase_memory_8b_first_step.json, measured before this fix) instead of their shard.
+    """
+    return jax.jit(lambda p: init_opt_state(p, ocfg), out_shardings=opt_state_shardings(params, ocfg))(params)

@@ -324,7 +324,7 @@ def train(config: Any, run: ErasureSetup, files: list[Path], scfg: SvareConfig) 
     else:
         params, run.params = run.params, None
     with sharding_context(run.mesh, run.rules):
-        opt_state = jax.jit(lambda p: optim.init_opt_state(p, scfg.optim))(params)
+        opt_state = optim.init_opt_state_sharded(params, scfg.optim)
     checkpoints = Checkpoints(run.workdir / "checkpoints")
     metrics_log = MetricsLog(run.workdir, enabled=is_main_process())
     total = int(config.train.steps)
