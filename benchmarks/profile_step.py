@@ -2,22 +2,32 @@
 
     python benchmarks/profile_step.py --config configs/vs_upstream.py
     python benchmarks/profile_step.py --config configs/vs_upstream.py --config.attention_impl=chunked
+    python benchmarks/profile_step.py --config configs/vs_upstream.py --timeline   # + where the time goes
 
 For the sizes of `configs/vs_upstream.py`, compiles the teacher-forced forward and the gradient of the bit
 loss and prints, per program, XLA's cost analysis (GFLOP, GB accessed) and the number of transposes,
 copies, gathers and scatters in the optimised HLO (fused computations included), as one JSON line.
 With `--config.attention_impl` both the given implementation and `xla` (the masked, padded path) are
 profiled in the same run. Deterministic: no timing.
+
+`--timeline` adds a measured breakdown: the programs run under `jax.profiler` and every executed XLA
+thunk's time is summed by kind (`ynn_fusion` = XNNPACK dots with their fused epilogues, `copy_bitcast_fusion`
+= layout copies, `dot` = Eigen dots, ...), ms per call over `--calls` calls, for the gradient with the
+residual-gradient boundaries (`grad_boundaries`) on and off. This is how the recomputed residual-gradient
+chains were found (README, "Against upstream PyTorch"). Timings need a quiet machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import glob
+import gzip
 import json
 import os
 import re
 import sys
+import tempfile
 
 import jax
 
@@ -49,10 +59,48 @@ def profile(cfg, schedule, inputs) -> dict:
     return out
 
 
+def thunk_timeline(fn, args, calls: int = 5, top: int = 12) -> dict:
+    """{kind: {"ms": per call, "count": per call}} of the XLA thunks `fn(*args)` executes (top kinds by time),
+    plus "total_ms": the sum over every thunk kind."""
+    jax.block_until_ready(fn(*args))  # compiled and warm
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(calls):
+                jax.block_until_ready(fn(*args))
+        (trace,) = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+        with gzip.open(trace) as f:
+            events = json.load(f)["traceEvents"]
+    host = ("$", "Thunk", "Slinky", "Pjit", "Common", "Parse", "Handle", "end:")  # python and runtime frames
+    time_us, count = collections.Counter(), collections.Counter()
+    for event in events:
+        if event.get("ph") == "X" and "dur" in event and not event["name"].startswith(host):
+            kind = re.sub(r"\.\d+$", "", event["name"])
+            time_us[kind] += event["dur"]
+            count[kind] += 1
+    kinds = {kind: {"ms": round(us / calls / 1e3, 2), "count": count[kind] // calls}
+             for kind, us in time_us.most_common(top)}
+    return {"total_ms": round(sum(time_us.values()) / calls / 1e3, 1), "kinds": kinds}
+
+
+def timelines(cfg, schedule, inputs, calls: int) -> dict:
+    """Measured thunk time by kind: forward, and gradient with grad_boundaries on and off (same run)."""
+    params = jax.jit(lambda: apply.init_params(cfg, 0))()
+    args = (params, inputs["text"], inputs["mask"], inputs["x"], inputs["bits"])
+    out = {"forward": thunk_timeline(jax.jit(lambda p, *a: apply.forward(p, *a[:3], schedule, cfg=cfg)), args,
+                                     calls)}
+    for mode in ("on", "off"):
+        c = cfg.replace(grad_boundaries=mode)
+        loss = lambda p, *a, c=c: bit_loss.loss_fn(p, *a, schedule, cfg=c, reweight_by_scale=True)
+        out[f"gradient_boundaries_{mode}"] = thunk_timeline(jax.jit(jax.value_and_grad(loss)), args, calls)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/vs_upstream.py")
-    _, config = parse_config_args(parser)
+    parser.add_argument("--timeline", action="store_true", help="also time every XLA thunk (needs a quiet machine)")
+    parser.add_argument("--calls", type=int, default=5, help="profiled calls per program for --timeline")
+    args, config = parse_config_args(parser)
     base = get_preset(config.model_preset)
     cfg = base.replace(codebook_dim=config.codebook_dim, compute_dtype="float32", remat=False,
                        text_maxlen=max(base.text_maxlen, max(config.text_lengths)))
@@ -61,6 +109,8 @@ def main() -> None:
     impls = [config.attention_impl] + (["xla"] if config.attention_impl != "xla" else [])
     result = {"size": config.size, "L": schedules.sequence_length(schedule), "batch": config.batch,
               "programs": {impl: profile(cfg.replace(attention_impl=impl), schedule, inputs) for impl in impls}}
+    if args.timeline:
+        result["timeline"] = timelines(cfg.replace(attention_impl=config.attention_impl), schedule, inputs, args.calls)
     print(json.dumps(result))
 
 
