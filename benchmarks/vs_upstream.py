@@ -371,15 +371,20 @@ def _summary(values: list[float]) -> dict:
             "max": round(max(values), 3), "runs": [round(v, 3) for v in values]}
 
 
+def model_config(config):
+    """The transformer's InfinityConfig of `config`: fp32, highest precision, no dropout, no remat."""
+    base = get_preset(config.model_preset)
+    return base.replace(codebook_dim=config.codebook_dim, compute_dtype="float32", matmul_precision="highest",
+                        attention_impl=config.attention_impl, remat=False, drop_path_rate=0.0, cond_drop_rate=0.0,
+                        text_maxlen=max(base.text_maxlen, max(config.text_lengths)))
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Runs the benchmark of `--config` (argv: the command line after the program name); returns the result."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/vs_upstream.py")
     _, config = parse_config_args(parser, argv)
-    base = get_preset(config.model_preset)
-    cfg = base.replace(codebook_dim=config.codebook_dim, compute_dtype="float32", matmul_precision="highest",
-                       attention_impl=config.attention_impl, remat=False, drop_path_rate=0.0, cond_drop_rate=0.0,
-                       text_maxlen=max(base.text_maxlen, max(config.text_lengths)))
+    cfg = model_config(config)
     schedule = schedules.get_schedule(config.h_div_w, config.pn)
     inputs = make_inputs(config, cfg, schedule)
     names = [p.strip() for p in config.paths.split(",") if p.strip()]
@@ -405,7 +410,8 @@ def main(argv: list[str] | None = None) -> dict:
         for name in names:
             for side, paths in sides.items():
                 times[side][name].append(_median_ms(paths[name], config.steps))
-    result = {"command": " ".join(["python", os.path.relpath(os.path.abspath(sys.argv[0]))] + sys.argv[1:]),
+    args = sys.argv[1:] if argv is None else list(argv)
+    result = {"command": " ".join(["python", os.path.relpath(os.path.join(HERE, "vs_upstream.py"))] + args),
               "upstream_checkout": "$VAREJAX_UPSTREAM_INFINITY" if upstream_dir else None,
               "size": config.size, "preset": config.model_preset, "L": schedules.sequence_length(schedule),
               "scales": len(schedule), "batch": config.batch, "text_lengths": list(config.text_lengths),
@@ -415,7 +421,8 @@ def main(argv: list[str] | None = None) -> dict:
               "ms": {side: {name: _summary(v) for name, v in per.items()} for side, per in times.items()}}
     if set(names) & set(CODEC_PATHS):
         vae_cfg, t5_cfg = codec_configs(config)
-        result["codecs"] = {"vae": {**vae_cfg.arch_dict(), "image_size": config.vae.image_size},
+        result["codecs"] = {"vae": {**vae_cfg.arch_dict(), "ch_mult": list(vae_cfg.ch_mult),
+                                    "image_size": config.vae.image_size},
                             "t5": t5_cfg.arch_dict(), "token_length": int(inputs["token_ids"].shape[1])}
     if output_check is not None:
         result["output_check_fp32"] = output_check

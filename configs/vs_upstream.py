@@ -29,7 +29,8 @@ CODEC_SIZES = {
     # encoder at d_model 512, 4 layers, 8 heads of 64, d_ff 1024, full vocab (Flan-T5-XL: 2048, 24, 32, 5120).
     "issue16": {"vae": dict(base_ch=32, ch_mult=(1, 2, 4, 4, 4), num_res_blocks=2, patch_size=16, image_size=256),
                 "t5": dict(vocab_size=32128, d_model=512, num_layers=4, num_heads=8, d_kv=64, d_ff=1024)},
-    # tiny: the same layouts, 32 px images (2 x 2 latents) and a 64-wide 2-layer T5; compiles in seconds.
+    # tiny (tests): the tokenizer's 5 levels and patch 16 at width 32, one ResnetBlock per level, 32 px images
+    # (2 x 2 latents); a 64-wide 2-layer T5 with a 256-token vocabulary. Compiles and runs in seconds.
     "tiny": {"vae": dict(base_ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, patch_size=16, image_size=32),
              "t5": dict(vocab_size=256, d_model=64, num_layers=2, num_heads=4, d_kv=16, d_ff=96)},
 }
