@@ -1,4 +1,4 @@
-"""Every transformer hot path, ours against upstream PyTorch Infinity, in one process on one machine.
+"""Every hot path (transformer, tokenizer, text encoder), ours against upstream PyTorch Infinity, in one process.
 
     VAREJAX_UPSTREAM_INFINITY=/path/to/Infinity python benchmarks/vs_upstream.py --config configs/vs_upstream.py
     python benchmarks/vs_upstream.py --config configs/vs_upstream.py:tiny --config.out=/tmp/v.json
