@@ -202,13 +202,21 @@ def test_scale_blocked_attention_equals_masked_xla(setup):
     masked = lambda q, k, v: attn.dot_product_attention(pad(q), pad(k), pad(v), attn.block_causal_mask(sched, Lp),
                                                         scale=0.3)[:, :L]
     blocks = attn.ScaleBlocks(tuple(schedules.scale_lengths(sched)))
+    # Small scales merged into masked groups (default 128: 1+4+16+36+64 | 144 | 256), every scale alone, all one.
+    assert attn.scale_groups(blocks.lengths, 128) == [(0, 121), (121, 265), (265, 521)]
+    assert attn.scale_groups(blocks.lengths, 0) == [(0, 1), (1, 5), (5, 21), (21, 57), (57, 121), (121, 265),
+                                                    (265, 521)]
+    assert attn.scale_groups(blocks.lengths, 10_000) == [(0, 521)]
+    for merge in (None, 0, 10_000):
+        blocked = lambda q, k, v, merge=merge: attn.scale_blocked_attention(q, k, v, blocks, scale=0.3, chunk=128,
+                                                                             merge=merge)
+        # Only float32 summation order differs (measured: values 4e-7, gradients 6e-6 on gradients of size ~5).
+        np.testing.assert_allclose(np.asarray(blocked(q, k, v)), np.asarray(masked(q, k, v)), atol=2e-6)
+        grads = [jax.grad(lambda *a, f=f: (f(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v) for f in (blocked, masked)]
+        for ours, reference in zip(*grads, strict=True):
+            np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), atol=2e-5)
     blocked = lambda q, k, v: attn.dot_product_attention(q, k, v, blocks, scale=0.3, implementation="scales",
                                                          chunk=128)
-    # Only float32 summation order differs (measured: values 4e-7, gradients 6e-6 on gradients of size ~5).
-    np.testing.assert_allclose(np.asarray(blocked(q, k, v)), np.asarray(masked(q, k, v)), atol=2e-6)
-    grads = [jax.grad(lambda *a, f=f: (f(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v) for f in (blocked, masked)]
-    for ours, reference in zip(*grads, strict=True):
-        np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), atol=2e-5)
     with pytest.raises(ValueError, match="do not add up"):
         blocked(q[:, :-1], k[:, :-1], v[:, :-1])
     np.testing.assert_allclose(_fwd(params, text, mask, x, cfg=CFG.replace(attention_impl="xla")),

@@ -8,8 +8,9 @@ block rematerialised in the backward pass, so memory grows with chunk x L instea
 training step needs: a full 2B attention matrix is 14 GB); `cudnn` calls JAX's fused kernel (GPU, bf16/fp16).
 `scales` never builds the mask: the queries of scale s attend, unmasked, to the keys of scales <= s
 (a prefix of the sequence), so no padding, no L x L mask and no masked-out entries are computed (44% of
-the padded work at 256 px, 7 scales); scales longer than `chunk` are chunked as above. Same math as
-`xla` on every real token.
+the padded work at 256 px, 7 scales); scales longer than `chunk` are chunked as above, and consecutive
+small scales share one block of <= `MERGE_SCALES` queries under a small static mask (fewer tiny ops).
+Same math as `xla` on every real token.
 
 The self-attention mask is block-causal across scales: a token of scale s sees every token of scales
 <= s (full attention inside a scale). Rows added to pad the sequence to a multiple of 128 see only
@@ -28,6 +29,8 @@ import numpy as np
 from varejax.models import schedules
 
 IMPLEMENTATIONS = ("xla", "chunked", "cudnn", "scales")
+# `scales`: consecutive small scales share one masked block of at most this many queries.
+MERGE_SCALES = 128
 
 
 @jax.tree_util.register_static
@@ -96,28 +99,55 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array 
     return out.swapaxes(0, 1).reshape(B, n * chunk, H, hd)[:, :Lq]
 
 
+def scale_groups(lengths: tuple[int, ...], merge: int) -> list[tuple[int, int]]:
+    """(start, end) token ranges of consecutive scales merged while a group stays <= `merge` tokens
+    (a scale longer than `merge` is a group of its own)."""
+    groups, start, end = [], 0, 0
+    for n in lengths:
+        if end > start and end + n - start > merge:
+            groups.append((start, end))
+            start = end
+        end += n
+    groups.append((start, end))
+    return groups
+
+
 def scale_blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, blocks: ScaleBlocks, *, scale: float,
-                            precision: str = "highest", chunk: int = 256) -> jax.Array:
-    """Block-causal attention without a mask: each scale's queries against the key prefix they see."""
+                            precision: str = "highest", chunk: int = 256, merge: int | None = None) -> jax.Array:
+    """Block-causal attention without padding: each scale's queries against the key prefix they see.
+
+    Small scales are merged into groups of <= `merge` tokens that share one (masked) block: seven
+    separate tiny matmuls per layer cost more in op overhead, and in their backward's pads and adds,
+    than the few masked logits of a merged group.
+    """
     if sum(blocks.lengths) != q.shape[1] or k.shape[1] != q.shape[1]:
         raise ValueError(f"scale lengths {blocks.lengths} do not add up to the sequence length {q.shape[1]}")
     # Heads-major once ([B, H, L, hd]), so that every scale's slice is contiguous for its matmuls.
     qh, kh, vh = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-    outs, end = [], 0
-    for n in blocks.lengths:
-        start, end = end, end + n
+    ids = np.repeat(np.arange(len(blocks.lengths)), blocks.lengths)
+    outs = []
+    for start, end in scale_groups(blocks.lengths, MERGE_SCALES if merge is None else merge):
         k_seen, v_seen = kh[:, :, :end], vh[:, :, :end]
-        q_chunks = [qh[:, :, c:min(c + chunk, end)] for c in range(start, end, chunk)]
         one = functools.partial(_heads_major_attention, scale=scale, precision=precision)
+        if ids[start] != ids[end - 1]:  # several scales: a static block-causal mask inside the group
+            visible = ids[None, :end] <= ids[start:end, None]
+            outs.append(one(qh[:, :, start:end], k_seen, v_seen, visible=visible))
+            continue
+        q_chunks = [qh[:, :, c:min(c + chunk, end)] for c in range(start, end, chunk)]
         one = one if len(q_chunks) == 1 else jax.checkpoint(one)  # chunks: recomputed in the backward
         outs += [one(q_chunk, k_seen, v_seen) for q_chunk in q_chunks]
     return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
-def _heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, precision: str) -> jax.Array:
-    """Unmasked softmax attention on [B, H, L, hd] inputs (float32 softmax); returns [B, H, Lq, hd]."""
+def _heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, precision: str,
+                           visible: np.ndarray | None = None) -> jax.Array:
+    """Softmax attention on [B, H, L, hd] inputs (float32 softmax), optionally under a static [Lq, Lk]
+    mask; returns [B, H, Lq, hd]."""
     logits = jnp.einsum("bhld,bhmd->bhlm", q, k, precision=precision, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits * scale, axis=-1)
+    logits = logits * scale
+    if visible is not None:
+        logits = jnp.where(visible, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1)
     return jnp.einsum("bhlm,bhmd->bhld", weights.astype(v.dtype), v, precision=precision,
                       preferred_element_type=jnp.float32).astype(q.dtype)
 
