@@ -251,3 +251,30 @@ def test_grad_boundaries_change_no_gradient_and_stay_in_the_cpu_program(setup):
     np.testing.assert_allclose(np.asarray(tangent), np.cos(np.ones(2)), rtol=1e-6)
     with pytest.raises(ValueError, match="grad_boundaries"):
         CFG.replace(grad_boundaries="sometimes")
+
+
+def test_scanned_blocks_equal_the_unrolled_loop(setup):
+    """`scan_blocks` (one lax.scan over the stacked block parameters) gives the unrolled loop's loss and
+    gradients, with drop path (per-block rates and rngs scanned along) and with remat; and traces one block."""
+    params, text, mask, x = setup
+    bits = (np.random.RandomState(4).rand(2, L, CFG.bits_per_token) > 0.5).astype(np.int32)
+    rng = jax.random.key(7)
+    for remat in (False, True):
+        results = {}
+        for scan in (False, True):
+            cfg = CFG.replace(drop_path_rate=0.3, remat=remat, scan_blocks=scan)
+            fn = jax.jit(jax.value_and_grad(lambda p, cfg=cfg: bit_loss.loss_fn(p, text, mask, x, bits, SCHEDULE,
+                                                                                 cfg=cfg, rng=rng)))
+            results[scan] = jax.tree.leaves(fn(params))
+        for scanned, unrolled in zip(results[True], results[False], strict=True):
+            np.testing.assert_allclose(np.asarray(scanned), np.asarray(unrolled), rtol=0, atol=2e-6)
+    # Drop path really acts (the rates are not silently zero inside the scan): another rng, another loss.
+    cfg = CFG.replace(drop_path_rate=0.3, scan_blocks=True)
+    losses = {float(bit_loss.loss_fn(params, text, mask, x, bits, SCHEDULE, cfg=cfg, rng=jax.random.key(k)))
+              for k in range(4)}
+    assert len(losses) > 1
+    deep = CFG.replace(depth=6, scan_blocks=True)
+    program = jax.jit(lambda p: apply.forward(p, text, mask, x, SCHEDULE, cfg=deep)).lower(
+        apply.abstract_params(deep)).as_text()
+    assert program.count("dot_general") == jax.jit(lambda p: apply.forward(p, text, mask, x, SCHEDULE, cfg=CFG.replace(
+        depth=1))).lower(apply.abstract_params(CFG.replace(depth=1))).as_text().count("dot_general")

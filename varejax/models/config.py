@@ -93,6 +93,9 @@ class InfinityConfig(ModelConfig):
         (GPU, bf16/fp16 compute only) or "scales" (no mask, no padding: each scale's queries attend to
         the key prefix they see, big scales chunked; the fastest on CPU, `models/attention.py`).
       remat: rematerialise each block in the backward pass (saves activation memory).
+      scan_blocks: run the blocks as one `lax.scan` over their stacked parameters (with `remat`, each
+        scanned block rematerialised): compile time stops growing with depth; parameters stay stored per
+        block. Costs a copy of the block weights per call; per-block activation captures are not recorded.
       grad_boundaries: "auto" (on for the CPU backend only), "on" or "off": materialise the residual
         stream's gradient after every sub-layer (`layers.materialize_cotangent`). An identity; on XLA:CPU
         it stops the compiler from recomputing the whole residual-gradient chain inside every weight
@@ -127,6 +130,7 @@ class InfinityConfig(ModelConfig):
     matmul_precision: str = "highest"
     attention_impl: str = "scales"
     remat: bool = False
+    scan_blocks: bool = False
     grad_boundaries: str = "auto"
     lora_rank: int = 0
     lora_alpha: float = 0.0

@@ -16,6 +16,7 @@ With `cfg.lora_rank > 0` the block Dense layers named by `cfg.lora_targets` carr
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -212,19 +213,23 @@ class CrossAttnBlock(nnx.Module):
         self.ffn = FFN(cfg, rngs)
 
     def __call__(self, x: jax.Array, gss_B16C: jax.Array, text_BTD: jax.Array, text_mask: jax.Array,
-                 attn_mask: jax.Array, cos: jax.Array, sin: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-        x, _ = self.step(x, gss_B16C, self.ca.text_kv(text_BTD), text_mask, cos, sin, attn_mask=attn_mask, rng=rng)
+                 attn_mask: jax.Array, cos: jax.Array, sin: jax.Array, rng: jax.Array | None = None,
+                 drop_path_rate: jax.Array | float | None = None) -> jax.Array:
+        x, _ = self.step(x, gss_B16C, self.ca.text_kv(text_BTD), text_mask, cos, sin, attn_mask=attn_mask, rng=rng,
+                         drop_path_rate=drop_path_rate)
         return x
 
     def step(self, x: jax.Array, gss_B16C: jax.Array, text_kv: tuple[jax.Array, jax.Array], text_mask: jax.Array,
              cos: jax.Array, sin: jax.Array, *, cache: tuple[jax.Array, jax.Array] | None = None,
-             attn_mask: jax.Array | None = None, rng: jax.Array | None = None
-             ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+             attn_mask: jax.Array | None = None, rng: jax.Array | None = None,
+             drop_path_rate: jax.Array | float | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """The block on new tokens x, attending to cached keys/values of earlier tokens (KV cache).
 
         Returns the output and the extended (keys, values) [B, L_seen, H, hd] after rope. Without a cache
-        and with `attn_mask` this is the teacher-forced block.
+        and with `attn_mask` this is the teacher-forced block. `drop_path_rate` overrides the block's own
+        (a traced per-layer value when the blocks run under `lax.scan`).
         """
+        rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
         # Chunk order of upstream's (ada_gss + shared_ada_lin(cond)).unbind(2).
         ada = self.ada_gss[...].astype(F32) + gss_B16C
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (ada[:, :, i] for i in range(6))
@@ -235,10 +240,10 @@ class CrossAttnBlock(nnx.Module):
         if cache is not None:
             k, v = jnp.concatenate([cache[0], k], axis=1), jnp.concatenate([cache[1], v], axis=1)
         boundary = functools.partial(materialize_cotangent, mode=self.cfg.grad_boundaries)
-        x = boundary(x + drop_path(self.sa.attend(q, k, v, attn_mask) * gamma1, self.drop_path_rate, rng_sa))
+        x = boundary(x + drop_path(self.sa.attend(q, k, v, attn_mask) * gamma1, rate, rng_sa))
         x = boundary(x + self.ca.attend_text(self.ca_norm(x), *text_kv, text_mask))
         h = layer_norm(x, eps) * (1 + scale2) + shift2
-        x = x + drop_path(self.ffn(h) * gamma2, self.drop_path_rate, rng_ffn)
+        x = x + drop_path(self.ffn(h) * gamma2, rate, rng_ffn)
         return boundary(constrain(x, BATCH_LEN_EMBED)), (k, v)
 
 
@@ -250,6 +255,25 @@ def _remat_block(block: CrossAttnBlock, *args: jax.Array | None) -> jax.Array:
     """
     graphdef, state = nnx.split(block)
     return jax.checkpoint(lambda st, *a: nnx.merge(graphdef, st)(*a))(state, *args)
+
+
+def _scanned_blocks(blocks, cfg: InfinityConfig, x: jax.Array, *args: Any) -> jax.Array:
+    """The blocks as one `lax.scan` over their stacked parameters (`cfg.scan_blocks`): one block is traced and
+    compiled whatever the depth. The parameters stay stored per block (checkpoints, converter and sharding
+    rules unchanged) and are stacked inside the program, a copy of the block weights per call; the
+    per-block drop-path rates and rngs are scanned with them, so the result equals the unrolled loop."""
+    *shared, rng_blocks = args
+    graphdef = nnx.split(blocks[0])[0]
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(nnx.split(block)[1] for block in blocks))
+    rates = jnp.asarray(cfg.drop_path_rates(), F32)
+    rngs = jax.random.split(rng_blocks, cfg.depth) if rng_blocks is not None else None
+
+    def one_block(x, layer):
+        state, rate, rng = layer
+        return nnx.merge(graphdef, state)(x, *shared, rng, drop_path_rate=rate), None
+
+    body = jax.checkpoint(one_block) if cfg.remat else one_block
+    return jax.lax.scan(body, x, (stacked, rates, rngs))[0]
 
 
 class Infinity(nnx.Module):
@@ -336,7 +360,6 @@ class Infinity(nnx.Module):
         """
         cfg = self.cfg
         schedule = schedules.as_schedule(schedule)
-        x_BLC_wo_prefix.shape[0]
         L = schedules.sequence_length(schedule)
         if x_BLC_wo_prefix.shape[1:] != (L - 1, cfg.bits_per_token):
             raise ValueError(f"next-scale inputs have shape {x_BLC_wo_prefix.shape}, expected "
@@ -368,6 +391,9 @@ class Infinity(nnx.Module):
                      else attention.block_causal_mask(schedule, Lp))
         cos, sin = (jnp.asarray(t) for t in rope.rope_table(schedule, cfg.head_dim, h_div_w_template, Lp))
 
+        if cfg.scan_blocks:
+            x = _scanned_blocks(self.blocks, cfg, x, gss, text_BTD, text_mask, attn_mask, cos, sin, rng_blocks)
+            return self.logits(x[:, :L], cond_BD)
         block_rngs = jax.random.split(rng_blocks, cfg.depth) if rng_blocks is not None else [None] * cfg.depth
         for i, block in enumerate(self.blocks):
             if cfg.remat:

@@ -191,9 +191,10 @@ def round_to_bf16(x: jax.Array) -> jax.Array:
     return jnp.where(jnp.isnan(x), x, jax.lax.bitcast_convert_type(rounded, F32))
 
 
-def drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+def drop_path(x: jax.Array, rate: float | jax.Array, rng: jax.Array | None) -> jax.Array:
     """Stochastic depth per sample (timm DropPath: keep with 1 - rate, rescale by 1 / (1 - rate))."""
-    if rng is None or rate <= 0.0:
+    # A traced rate (blocks under lax.scan) always draws: a rate of 0 then keeps every sample.
+    if rng is None or (isinstance(rate, (int, float)) and rate <= 0.0):
         return x
     keep = 1.0 - rate
     mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
