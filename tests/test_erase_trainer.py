@@ -264,3 +264,39 @@ def test_sharded_step_equals_single_device(finished_run):
     ref = flat_params(ref_params)
     for path, value in flat_params(new_params).items():
         np.testing.assert_allclose(np.asarray(value), np.asarray(ref[path]), atol=1e-6, err_msg=str(path))
+
+
+def test_prefetched_batches_are_the_batches_in_step_order(finished_run):
+    """The trainer's prefetching loader yields exactly batches[step] in order, and a failing load raises at
+    its own step (earlier steps are delivered first)."""
+    import threading
+
+    from varejax.erase.data import TrajectoryBatches, prefetched, text_length
+
+    _, result = finished_run
+    files = sorted((result.workdir / "trajectories").glob("*.npz"))
+    batches = TrajectoryBatches(files, 2, 0, text_length(files))
+    got = list(prefetched(batches, range(3, 9), depth=3))
+    assert [step for step, _ in got] == list(range(3, 9))
+    for step, batch in got:
+        reference = batches[step]
+        assert set(batch) == set(reference)
+        for key in reference:
+            np.testing.assert_array_equal(batch[key], reference[key])
+
+    class Failing:
+        def __init__(self):
+            self.loaded_by = set()
+
+        def __getitem__(self, step):
+            self.loaded_by.add(threading.current_thread().name)
+            if step == 2:
+                raise OSError(f"cannot read batch {step}")
+            return {"step": step}
+
+    failing, delivered = Failing(), []
+    with pytest.raises(OSError, match="batch 2"):
+        for _step, batch in prefetched(failing, range(5)):
+            delivered.append(batch["step"])
+    assert delivered == [0, 1]
+    assert all(name.startswith("varejax-prefetch") for name in failing.loaded_by)  # loaded off the main thread

@@ -9,9 +9,11 @@ iterator's state *is* the step number: a resumed run continues exactly where it 
 
 from __future__ import annotations
 
+import collections
 import functools
+import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -72,3 +74,23 @@ class TrajectoryBatches:
     def __getitem__(self, step: int) -> dict[str, np.ndarray]:
         """This process's rows of the global batch of training step `step`."""
         return self._collate([self._cached(self.paths[step * self.batch_size + r]) for r in self.rows])
+
+
+def prefetched(batches: TrajectoryBatches, steps: Sequence[int], depth: int = 2
+               ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """(step, batches[step]) for every step in order, each loaded up to `depth` steps ahead by one background
+    thread, so that reading and collating the next batches overlaps the device step (JAX dispatches the
+    step asynchronously; the loop blocks only on its metrics). A loading error is raised at its step;
+    leaving the loop early waits for the (at most `depth`) loads in flight."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    todo = iter(steps)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="varejax-prefetch") as pool:
+        pending = collections.deque((step, pool.submit(batches.__getitem__, step))
+                                    for step in itertools.islice(todo, max(1, depth)))
+        while pending:
+            step, loading = pending.popleft()
+            following = next(todo, None)
+            if following is not None:
+                pending.append((following, pool.submit(batches.__getitem__, following)))
+            yield step, loading.result()

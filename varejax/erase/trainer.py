@@ -54,7 +54,7 @@ from etils.epath import Path
 from varejax.data.pairs import PromptPair, pool_pairs, read_pairs
 from varejax.erase import optim
 from varejax.erase.checkpoints import Checkpoints
-from varejax.erase.data import TrajectoryBatches, text_length
+from varejax.erase.data import TrajectoryBatches, prefetched, text_length
 from varejax.erase.losses import ERASE_LOSSES
 from varejax.erase.prepare import TrajectoryConfig, prepare_trajectories
 from varejax.erase.step import SvareConfig, alternating_update, erase_update, jit_step, summed_update
@@ -334,11 +334,10 @@ def train(config: Any, run: ErasureSetup, files: list[Path], scfg: SvareConfig) 
         validation = _validation(config, run.workdir, train_cfg, run.schedule, run.encode_text, run.mesh, run.rules)
         if first_step == 0 and validation is not None:
             validation(0, params)
-        progress = tqdm(range(first_step, total), desc="S-VARE", unit="step", initial=first_step, total=total,
-                        disable=not is_main_process())
-        for step in progress:
+        progress = tqdm(desc="S-VARE", unit="step", initial=first_step, total=total, disable=not is_main_process())
+        for step, host_batch in prefetched(batches, range(first_step, total)):
             with sharding_context(run.mesh, run.rules):
-                batch = _global_batch(batches[step], global_batch, run.mesh, run.rules)
+                batch = _global_batch(host_batch, global_batch, run.mesh, run.rules)
                 params, opt_state, metrics = step_fn(params, opt_state, batch, jax.random.fold_in(base_key, step),
                                                      cfg=train_cfg, schedule=run.schedule, scfg=scfg)
             metrics = jax.device_get(metrics)
@@ -346,11 +345,13 @@ def train(config: Any, run: ErasureSetup, files: list[Path], scfg: SvareConfig) 
             metrics_log.write(step + 1, metrics)
             progress.set_postfix(erase=f"{float(metrics['loss_erase']):.4f}",
                                  kept=f"{float(metrics.get('kept_fraction', float('nan'))):.2f}")
+            progress.update(1)
             done = step + 1
             if done % int(config.train.checkpoint_every) == 0 or done == total:
                 checkpoints.save(done, _training_state(params, opt_state, scfg))
             if validation is not None and config.validation.every and done % int(config.validation.every) == 0:
                 validation(done, params)
+        progress.close()
     finally:
         checkpoints.close()
         metrics_log.close()
