@@ -294,7 +294,10 @@ def parity_block() -> str:
 VS_UPSTREAM_PATHS = {"forward": "teacher-forced forward", "grad": "forward + backward of the bit loss",
                      "grad_remat": "the same with per-block remat (upstream: full-block checkpointing)",
                      "svare": "one S-VARE iteration (erase + preserve pass, clip, AdamW on CA + FFN)",
-                     "sample": "CFG sampling of every scale, KV cache"}
+                     "sample": "CFG sampling of every scale, KV cache",
+                     "vae_encode": "tokenizer encode (256 px, d32 layout at width 32), raw features",
+                     "vae_decode": "tokenizer decode of summed codes to images",
+                     "t5_encode": "T5 encoder (Flan-T5 layout, d_model 512, 4 layers)"}
 
 
 def _ms(cell: dict) -> str:
