@@ -1,6 +1,7 @@
 """Compile time of the training gradient against depth: blocks unrolled vs `scan_blocks` (one `lax.scan`).
 
-    python benchmarks/compile_time.py --config configs/compile_time.py [--config.out=FILE]
+    python benchmarks/compile_time.py --config configs/compile_time.py --config.out=benchmarks/results/compile_time.json
+    python benchmarks/compile_time.py --config configs/compile_time.py:tiny
 
 For each depth, lowers and compiles `value_and_grad` of the bit loss (with `config.remat`) for both layouts
 of the blocks, `config.runs` times each with the persistent compilation cache off, and reports the

@@ -36,8 +36,8 @@ def _benchmark_parser(path: Path) -> argparse.ArgumentParser:
     source = path.read_text()
     default = re.search(r'add_argument\("--config", default="([^"]+)"', source).group(1)
     parser.add_argument("--config", default=str(REPO / default))
-    for option in re.findall(r'add_argument\("(--(?!config")[\w-]+)"', source):
-        parser.add_argument(option)
+    for option, rest in re.findall(r'add_argument\("(--(?!config")[\w-]+)"([^\n]*)', source):
+        parser.add_argument(option, **({"action": "store_true"} if 'action="store_true"' in rest else {}))
     return parser
 
 

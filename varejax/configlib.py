@@ -42,6 +42,8 @@ def numerics_config(accelerator: bool = False) -> ml_collections.ConfigDict:
     config.matmul_precision = "default" if accelerator else "highest"
     config.attention_impl = "scales"   # exact block-causal attention without mask or padding (fastest here)
     config.remat = accelerator
+    config.scan_blocks = False         # True: blocks under one lax.scan (compile time flat in depth)
+    config.grad_boundaries = "auto"    # residual-gradient fusion boundaries: on for CPU (identity; faster there)
     return config
 
 
