@@ -28,7 +28,7 @@ import numpy as np
 
 from varejax.models import schedules
 
-IMPLEMENTATIONS = ("xla", "chunked", "cudnn", "scales")
+IMPLEMENTATIONS = ("xla", "chunked", "cudnn", "scales", "splash")
 # `scales`: consecutive small scales share one masked block of at most this many queries.
 MERGE_SCALES = 128
 
@@ -50,8 +50,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
                           chunk: int = 256) -> jax.Array:
     """softmax(q k^T * scale + mask) v over [B, L, H, hd] inputs; returns [B, Lq, H, hd] in q's dtype."""
     if isinstance(mask, ScaleBlocks):
+        if implementation == "splash":  # q, k, v padded to a multiple of 128 (Infinity pads them for splash)
+            from varejax.models.splash import splash_block_causal
+
+            return splash_block_causal(q, k, v, mask.lengths, scale=scale)
         return scale_blocked_attention(q, k, v, mask, scale=scale, precision=precision, chunk=chunk)
-    if implementation == "scales":  # an ordinary mask (text rows, KV-cache steps): plain attention
+    if implementation in ("scales", "splash"):  # an ordinary mask (text rows, KV-cache steps): plain attention
         implementation = "xla"
     if implementation == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16):
         if mask is not None:  # cuDNN wants the mask at full [B, H, Lq, Lk] size (a text mask is [B, 1, 1, T])

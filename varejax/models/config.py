@@ -91,7 +91,9 @@ class InfinityConfig(ModelConfig):
       attention_impl: "xla" (any backend), "chunked" (the same math over blocks of 256 queries, each
         rematerialised: memory chunk x L instead of L x L, what 1024 px training needs), "cudnn"
         (GPU, bf16/fp16 compute only) or "scales" (no mask, no padding: each scale's queries attend to
-        the key prefix they see, big scales chunked; the fastest on CPU, `models/attention.py`).
+        the key prefix they see, big scales chunked; the fastest on CPU, `models/attention.py`) or
+        "splash" (TPU: JAX's Pallas splash kernel under the static block-causal mask, hidden tiles
+        skipped, `models/splash.py`; interpret mode elsewhere; the sequence is padded to a multiple of 128).
       remat: rematerialise each block in the backward pass (saves activation memory).
       scan_blocks: run the blocks as one `lax.scan` over their stacked parameters (with `remat`, each
         scanned block rematerialised): compile time stops growing with depth; parameters stay stored per
@@ -156,8 +158,9 @@ class InfinityConfig(ModelConfig):
                 f"which must divide embed_dim {self.embed_dim}")
         if self.grad_boundaries not in ("auto", "on", "off"):
             problems.append(f"grad_boundaries must be auto, on or off, not {self.grad_boundaries!r}")
-        if self.attention_impl not in ("xla", "chunked", "cudnn", "scales"):
-            problems.append(f"attention_impl must be xla, chunked, cudnn or scales, not {self.attention_impl!r}")
+        if self.attention_impl not in ("xla", "chunked", "cudnn", "scales", "splash"):
+            problems.append(f"attention_impl must be xla, chunked, cudnn, scales or splash, not "
+                            f"{self.attention_impl!r}")
         if self.matmul_precision not in ("default", "high", "highest"):
             problems.append(f"matmul_precision must be default/high/highest, not {self.matmul_precision!r}")
         if self.lora_rank < 0 or self.lora_alpha < 0:

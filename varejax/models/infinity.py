@@ -16,6 +16,7 @@ With `cfg.lora_rank > 0` the block Dense layers named by `cfg.lora_targets` carr
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -380,14 +381,16 @@ class Infinity(nnx.Module):
         # `scales` attention needs no mask and no padding (the padding exists for kernels that want
         # multiples of 128; padded rows are discarded either way).
         by_scales = cfg.attention_impl == "scales"
-        Lp = L if by_scales else schedules.padded_length(schedule, cfg.pad_to_multiplier)
+        splash = cfg.attention_impl == "splash"  # its kernel works in blocks of 128 rows
+        multiple = math.lcm(cfg.pad_to_multiplier, 128) if splash else cfg.pad_to_multiplier
+        Lp = L if by_scales else schedules.padded_length(schedule, multiple)
         # Each scale's row repeated over its tokens (a static repeat, not a gather: no scatter in the backward).
         rows = self.lvl_embed[...].astype(F32)
         level = jnp.concatenate([jnp.broadcast_to(rows[i], (n, rows.shape[1]))
                                  for i, n in enumerate(schedules.scale_lengths(schedule))])
         x = x + level[None]
         x = constrain(jnp.pad(x, ((0, 0), (0, Lp - L), (0, 0))), BATCH_LEN_EMBED)
-        attn_mask = (attention.ScaleBlocks(tuple(schedules.scale_lengths(schedule))) if by_scales
+        attn_mask = (attention.ScaleBlocks(tuple(schedules.scale_lengths(schedule))) if by_scales or splash
                      else attention.block_causal_mask(schedule, Lp))
         cos, sin = (jnp.asarray(t) for t in rope.rope_table(schedule, cfg.head_dim, h_div_w_template, Lp))
 
