@@ -333,13 +333,27 @@ def _rerun_line() -> str:
     first = result("vs_upstream")["upstream_over_ours"]["ours_fp32"]["grad"]["median"]
     cells = ", ".join(f"{name} {_ratio(cell)}" for name, cell in data.items())
     return ("A re-run of the same command later on the same machine (upstream / ours fp32): " + cells
-            + f". Between the two runs forward + backward moved from {first:.2f}x to {data['grad']['median']:.2f}x: "
+            + f". Forward + backward: {first:.2f}x in the first run, {data['grad']['median']:.2f}x in this one; "
             + "read each ratio with both runs. "
             + _source("benchmarks/results/vs_upstream_rerun.json"))
 
 
+def compile_time_block() -> str:
+    data = result("compile_time")
+    rows = [[row["depth"], f"{row['unrolled']['lower_s']:.2f} + {row['unrolled']['compile_s']:.2f}",
+             f"{row['scanned']['lower_s']:.2f} + {row['scanned']['compile_s']:.2f}",
+             f"**{row['unrolled_over_scanned']:.2f}x**"] for row in data["depths"]]
+    header = ["depth", "unrolled: trace + compile (s)", "scan_blocks: trace + compile (s)", "unrolled / scanned"]
+    return (_table(header, rows) + "\n\n"
+            + f"Gradient of the bit loss with remat={data['remat']}, preset `{data['preset']}` (width 256), "
+            + f"batch {data['batch']}, L = {data['L']}; the minimum over {data['runs']} runs, persistent cache off; "
+            + f"{data['machine']['cpus']} CPU cores, jax {data['machine']['jax']}. Command: `{data['command']}`. "
+            + _source("benchmarks/results/compile_time.json"))
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "vs_upstream": vs_upstream_block,
+    "compile_time": compile_time_block,
     "parity": parity_block,
     "toy_world": world_block,
     "toy_base_values": base_values_block,
