@@ -126,12 +126,14 @@ def params_from_torch(module, rules: list[strict.KeyRule], buffers: list[strict.
 
 def codec_params(config, upstream_models: dict | None = None) -> dict:
     """{"vae": ..., "t5": ...} parameters of ours: upstream's torch weights converted (the same function on
-    both sides) when `upstream_models` is given, else our own random init."""
+    both sides) for the models `upstream_models` holds, our own random init for the others."""
     vae_cfg, t5_cfg = codec_configs(config)
-    if upstream_models is None:
-        return {"vae": bsq_vae.init_vae_params(vae_cfg, config.seed), "t5": t5.init_params(t5_cfg, config.seed)}
-    vae = params_from_torch(upstream_models["vae"], *vae_rules(vae_cfg),
-                            lambda flat: bsq_vae.vae_state_from_flat(vae_cfg, flat), "tokenizer")
+    upstream_models = upstream_models or {}
+    vae = (params_from_torch(upstream_models["vae"], *vae_rules(vae_cfg),
+                             lambda flat: bsq_vae.vae_state_from_flat(vae_cfg, flat), "tokenizer")
+           if "vae" in upstream_models else bsq_vae.init_vae_params(vae_cfg, config.seed))
+    if "t5" not in upstream_models:
+        return {"vae": vae, "t5": t5.init_params(t5_cfg, config.seed)}
     shared = upstream_models["t5"].state_dict()["shared.weight"].numpy()
 
     def tied(x):  # the encoder's embed_tokens is the shared table

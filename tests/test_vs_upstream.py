@@ -1,15 +1,15 @@
 """benchmarks/vs_upstream.py's codec paths (vae_encode, vae_decode, t5_encode) at the tiny preset.
 
-Ours alone always; with $VAREJAX_UPSTREAM_INFINITY (an upstream Infinity checkout) and torch +
-transformers, also upstream's side: the same random weights on both sides must give the same outputs
-(max abs error <= the config's tolerances, 1e-4), and a changed weight must fail that check.
+Ours at the tiny preset, and the check the benchmark runs before timing (the same random weights on both
+sides must give the same outputs, max abs error <= 1e-4; a changed weight fails it) against HF's T5. The
+check against upstream's tokenizer needs an Infinity checkout, which CI has not: the benchmark runs it on
+every run with $VAREJAX_UPSTREAM_INFINITY and records it (`output_check_fp32` in benchmarks/results/).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,6 @@ _spec.loader.exec_module(vs)
 
 CODECS = "vae_encode,vae_decode,t5_encode"
 TINY = str(REPO / "configs" / "vs_upstream.py") + ":tiny"
-UPSTREAM = os.environ.get("VAREJAX_UPSTREAM_INFINITY")
 
 
 def _run(tmp_path, *overrides) -> tuple[dict, dict]:
@@ -73,27 +72,36 @@ def test_unknown_path_is_refused(tmp_path):
 
 
 @pytest.mark.parity
-@pytest.mark.skipif(not UPSTREAM, reason="set VAREJAX_UPSTREAM_INFINITY to an upstream Infinity checkout")
-def test_codec_outputs_equal_upstream_with_the_same_weights(tmp_path):
-    pytest.importorskip("transformers")
-    result, _ = _run(tmp_path)
-    check = result["output_check_fp32"]
-    assert set(check) == set(CODECS.split(","))
-    for name, cell in check.items():
-        print(f"{name}: max abs err {cell['max_abs_err']:.3g} (max |upstream| {cell['max_abs_upstream']:.3g})")
-        assert cell["tolerance"] == 1e-4 and cell["max_abs_err"] <= cell["tolerance"]
-        assert cell["max_abs_upstream"] > 0.1  # not a comparison of zeros
-    assert set(result["upstream_over_ours"]["ours_fp32"]) == set(CODECS.split(","))
+def test_codec_output_check_compares_the_same_function():
+    """Before timing, the benchmark refuses two different functions. HF's T5 encoder (torch, what upstream
+    encodes prompts with) with its random weights converted into ours gives the same hidden states (upstream's
+    tokenizer needs the Infinity checkout, so here its branch of the check gets our own output, channels first;
+    our tokenizer's numerics against upstream's golden outputs are tests/test_vae_parity.py's); a changed
+    weight of ours, or a tokenizer output off by 1e-3, fails the check."""
+    import sys
 
-    # The check fails when the two sides do not compute the same function: one weight of ours changed.
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import upstream_shims
+
     config, cfg, schedule, inputs = _tiny()
-    models = vs.upstream_codec_models(config, UPSTREAM)
-    params = vs.codec_params(config, models)
-    params["vae"]["decoder"]["conv_out"]["bias"][...] += 1e-3
-    params["t5"]["final_norm"]["scale"][...] *= 1.001
+    _, t5_cfg = vs.codec_configs(config)
+    hf = upstream_shims.build_t5_encoder(t5_cfg, config.seed)
+    params = vs.codec_params(config, {"t5": hf})
     ours = vs.our_paths(config, cfg, schedule, inputs, vs.CODEC_PATHS, params)
-    upstream = vs.upstream_paths(config, cfg, schedule, inputs, UPSTREAM, vs.CODEC_PATHS, models)
-    assert set(vs.check_codec_outputs(config, ours, upstream, inputs, ["vae_encode"])) == {"vae_encode"}
-    for name in ("vae_decode", "t5_encode"):
-        with pytest.raises(AssertionError, match=f"{name}: ours differs from upstream"):
-            vs.check_codec_outputs(config, ours, upstream, inputs, [name])
+    upstream = vs._upstream_codec_paths(inputs, {"vae": None, "t5": hf})
+    channels_first = lambda a: torch.from_numpy(np.asarray(a).transpose(0, 3, 1, 2).copy())  # noqa: E731
+    for name in ("vae_encode", "vae_decode"):
+        upstream[name] = lambda name=name: channels_first(ours[name]())
+    report = vs.check_codec_outputs(config, ours, upstream, inputs, vs.CODEC_PATHS)
+    assert report["t5_encode"]["max_abs_err"] <= 1e-4 < report["t5_encode"]["max_abs_upstream"] * 1e-2
+    assert report["vae_decode"]["max_abs_err"] == 0.0
+
+    params["t5"]["final_norm"]["scale"][...] *= 1.001
+    changed = vs.our_paths(config, cfg, schedule, inputs, vs.CODEC_PATHS, params)
+    with pytest.raises(AssertionError, match="t5_encode: ours differs from upstream"):
+        vs.check_codec_outputs(config, changed, upstream, inputs, ["t5_encode"])
+    upstream["vae_decode"] = lambda: channels_first(np.asarray(ours["vae_decode"]()) + 1e-3)
+    with pytest.raises(AssertionError, match="vae_decode: ours differs from upstream"):
+        vs.check_codec_outputs(config, ours, upstream, inputs, ["vae_decode"])
