@@ -238,7 +238,7 @@ def test_grad_boundaries_change_no_gradient_and_stay_in_the_cpu_program(setup):
         results[mode] = jax.tree.leaves(fn(params))
         programs[mode] = fn.lower(params).compile().as_text()
     for with_boundary, without in zip(results["on"], results["off"], strict=True):
-        np.testing.assert_allclose(np.asarray(with_boundary), np.asarray(without), rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(with_boundary), np.asarray(without))  # an identity: bit-exact
     assert programs["on"].count(" conditional(") == 3 * CFG.depth
     assert " conditional(" not in programs["off"]
     # "auto" is on for the CPU backend; a non-finite first activation makes the whole gradient NaN, never finite.
@@ -267,7 +267,8 @@ def test_scanned_blocks_equal_the_unrolled_loop(setup):
                                                                                  cfg=cfg, rng=rng)))
             results[scan] = jax.tree.leaves(fn(params))
         for scanned, unrolled in zip(results[True], results[False], strict=True):
-            np.testing.assert_allclose(np.asarray(scanned), np.asarray(unrolled), rtol=0, atol=2e-6)
+            # measured 5.6e-9 (float32 rounding of the scan body's fusions); a wrong drop mask gives ~1e-3
+            np.testing.assert_allclose(np.asarray(scanned), np.asarray(unrolled), rtol=0, atol=1e-7)
     # Drop path really acts (the rates are not silently zero inside the scan): another rng, another loss.
     cfg = CFG.replace(drop_path_rate=0.3, scan_blocks=True)
     losses = {float(bit_loss.loss_fn(params, text, mask, x, bits, SCHEDULE, cfg=cfg, rng=jax.random.key(k)))
