@@ -77,9 +77,9 @@ def thunk_timeline(fn, args, calls: int = 5, top: int = 12) -> dict:
             kind = re.sub(r"\.\d+$", "", event["name"])
             time_us[kind] += event["dur"]
             count[kind] += 1
-    kinds = {kind: {"ms": round(us / calls / 1e3, 2), "count": count[kind] // calls}
+    kinds = {kind: {"ms": round(us / calls / 1e3, 3), "count": count[kind] // calls}
              for kind, us in time_us.most_common(top)}
-    return {"total_ms": round(sum(time_us.values()) / calls / 1e3, 1), "kinds": kinds}
+    return {"total_ms": round(sum(time_us.values()) / calls / 1e3, 3), "kinds": kinds}
 
 
 def timelines(cfg, schedule, inputs, calls: int) -> dict:
