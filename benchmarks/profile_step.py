@@ -2,11 +2,13 @@
 
     python benchmarks/profile_step.py --config configs/vs_upstream.py
     python benchmarks/profile_step.py --config configs/vs_upstream.py --config.attention_impl=chunked
-    python benchmarks/profile_step.py --config configs/vs_upstream.py --timeline
+    python benchmarks/profile_step.py --config configs/vs_upstream.py --timeline --out benchmarks/results/profile_step.json
 
 For the sizes of `configs/vs_upstream.py`, compiles the teacher-forced forward and the gradient of the bit
 loss and prints, per program, XLA's cost analysis (GFLOP, GB accessed) and the number of transposes,
-copies, gathers and scatters in the optimised HLO (fused computations included), as one JSON line.
+copies, gathers and scatters in the optimised HLO (fused computations included), as one JSON line; the
+gradient also without the residual-gradient boundaries (`gradient_boundaries_off`). `--out FILE` writes
+the same result, with its command, to FILE.
 With `--config.attention_impl` both the given implementation and `xla` (the masked, padded path) are
 profiled in the same run. Deterministic: no timing.
 
@@ -46,8 +48,11 @@ def profile(cfg, schedule, inputs) -> dict:
     params = jax.eval_shape(lambda: apply.init_params(cfg, 0))
     args = (inputs["text"], inputs["mask"], inputs["x"], inputs["bits"])
     loss = lambda p, *a: bit_loss.loss_fn(p, *a, schedule, cfg=cfg, reweight_by_scale=True)
+    loss_unbounded = lambda p, *a: bit_loss.loss_fn(p, *a, schedule, cfg=cfg.replace(grad_boundaries="off"),
+                                                    reweight_by_scale=True)
     programs = {"forward": jax.jit(lambda p, *a: apply.forward(p, *a[:3], schedule, cfg=cfg)),
-                "gradient": jax.jit(jax.value_and_grad(loss))}
+                "gradient": jax.jit(jax.value_and_grad(loss)),
+                "gradient_boundaries_off": jax.jit(jax.value_and_grad(loss_unbounded))}
     out = {}
     for name, fn in programs.items():
         compiled = fn.lower(params, *args).compile()
@@ -100,6 +105,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/vs_upstream.py")
     parser.add_argument("--timeline", action="store_true", help="also time every XLA thunk (needs a quiet machine)")
     parser.add_argument("--calls", type=int, default=5, help="profiled calls per program for --timeline")
+    parser.add_argument("--out", default="", help="also write the result (and this command) to this JSON file")
     args, config = parse_config_args(parser)
     base = get_preset(config.model_preset)
     cfg = base.replace(codebook_dim=config.codebook_dim, compute_dtype="float32", remat=False,
@@ -112,6 +118,12 @@ def main() -> None:
     if args.timeline:
         result["timeline"] = timelines(cfg.replace(attention_impl=config.attention_impl), schedule, inputs, args.calls)
     print(json.dumps(result))
+    if args.out:
+        result["command"] = "python " + " ".join(sys.argv)
+        result["jax"] = jax.__version__
+        result["timeline_calls"] = args.calls
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -351,8 +351,28 @@ def compile_time_block() -> str:
             + _source("benchmarks/results/compile_time.json"))
 
 
+def profile_step_block() -> str:
+    """The gradient's cost with and without the residual-gradient boundaries, and where its time goes."""
+    data = result("profile_step")
+    cost, timeline = data["programs"][next(iter(data["programs"]))], data["timeline"]
+    on, off, fwd = timeline["gradient_boundaries_on"], timeline["gradient_boundaries_off"], timeline["forward"]
+    kind = lambda t, k: t["kinds"].get(k, {"ms": 0.0})["ms"]
+    return (f"Gradient with / without the boundaries: thunk time **{on['total_ms']:.1f} / {off['total_ms']:.1f} ms** "
+            + f"per call, layout-copy fusions (`copy_bitcast_fusion`) {kind(on, 'copy_bitcast_fusion'):.1f} / "
+            + f"{kind(off, 'copy_bitcast_fusion'):.1f} ms, XLA's GB accessed {cost['gradient']['gb_accessed']:.2f} / "
+            + f"{cost['gradient_boundaries_off']['gb_accessed']:.2f}. The gradient takes "
+            + f"{on['total_ms'] / fwd['total_ms']:.1f}x the forward's thunk time ({fwd['total_ms']:.1f} ms); of its "
+            + f"{on['total_ms']:.0f} ms, XNNPACK dots with their fused epilogues (`ynn_fusion`) take "
+            + f"{kind(on, 'ynn_fusion'):.0f} ms, Eigen dots (`dot`, the attention backward's) "
+            + f"{kind(on, 'dot'):.0f} ms, the remaining layout copies {kind(on, 'copy_bitcast_fusion'):.0f} ms, and "
+            + f"many small elementwise fusions the rest ({data['timeline_calls']} "
+            + f"profiled calls each, jax {data['jax']}). Command: `{data['command']}`. "
+            + _source("benchmarks/results/profile_step.json"))
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "vs_upstream": vs_upstream_block,
+    "profile_step": profile_step_block,
     "compile_time": compile_time_block,
     "parity": parity_block,
     "toy_world": world_block,
