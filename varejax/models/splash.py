@@ -8,8 +8,10 @@ made per (scales, length, heads). The sequence is padded to a multiple of the ke
 
 On a backend other than TPU the kernel runs in Pallas interpret mode: the same blocks and the same
 online softmax, slowly, which is how the CPU tests check it against the masked `xla` path.
-Sharded meshes: the kernel is called per example under `vmap`; a pallas_call is not partitioned by
-GSPMD, so on a multi-device mesh it needs a `shard_map` over the batch and heads (not wired yet).
+Sharded meshes: a pallas_call is not partitioned by GSPMD (it would gather its inputs onto every
+device), so inside a `sharding_context` whose mesh has more than one device the kernel runs under
+`shard_map`: each device attends over its own examples and heads (the mesh axes `act_batch` and
+`act_heads` map to, as the rules table says), over the whole sequence, which no rule shards.
 """
 
 from __future__ import annotations
@@ -46,8 +48,11 @@ def _kernel(lengths: tuple[int, ...], padded_length: int, heads: int, interpret:
     size = _block_size(padded_length)
     blocks = kernel_lib.BlockSizes(block_q=size, block_kv=size, block_kv_compute=size, block_q_dkv=size,
                                    block_kv_dkv=size, block_kv_dkv_compute=size, block_q_dq=size, block_kv_dq=size)
-    return kernel_lib.make_splash_mha_single_device(mask_lib.MultiHeadMask([one] * heads), block_sizes=blocks,
-                                                    interpret=interpret)
+    # The kernel's mask tables are arrays made on construction: made eagerly here, so that a kernel
+    # first built inside a trace (jit, shard_map) is still valid when the cache hands it to another one.
+    with jax.ensure_compile_time_eval():
+        return kernel_lib.make_splash_mha_single_device(mask_lib.MultiHeadMask([one] * heads),
+                                                        block_sizes=blocks, interpret=interpret)
 
 
 def splash_block_causal(q: jax.Array, k: jax.Array, v: jax.Array, lengths: tuple[int, ...], *,
@@ -58,7 +63,31 @@ def splash_block_causal(q: jax.Array, k: jax.Array, v: jax.Array, lengths: tuple
     if Lp % BLOCK:
         raise ValueError(f"splash attention needs the sequence padded to a multiple of {BLOCK}, got {Lp} "
                          f"(pad_to_multiplier)")
-    kernel = _kernel(tuple(lengths), Lp, H, jax.default_backend() != "tpu")
+    interpret = jax.default_backend() != "tpu"
     heads_major = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731 - the kernel takes [H, L, hd] per example
-    out = jax.vmap(kernel)(heads_major(q * scale), heads_major(k), heads_major(v))
-    return heads_major(out).astype(q.dtype)
+
+    def local(q, k, v):  # [b, Lp, h, hd] of one device (or all of them, unsharded)
+        kernel = _kernel(tuple(lengths), Lp, q.shape[2], interpret)
+        return heads_major(jax.vmap(kernel)(heads_major(q), heads_major(k), heads_major(v)))
+
+    spec = _device_spec(q.shape)
+    if spec is None:
+        out = local(q * scale, k, v)
+    else:
+        mesh, spec = spec
+        out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                            check_vma=False)(q * scale, k, v)
+    return out.astype(q.dtype)
+
+
+def _device_spec(shape: tuple[int, ...]):
+    """(mesh, PartitionSpec of [B, Lp, H, hd]) under a multi-device `sharding_context`, else None. The
+    sequence and head width stay whole on every device: the kernel needs every key of its queries."""
+    from varejax.parallel.rules import active_sharding, logical_to_spec
+
+    active = active_sharding()
+    if active is None or active[0].size == 1:
+        return None
+    mesh, rules = active
+    spec = logical_to_spec(("act_batch", None, "act_heads", None), rules, mesh, shape)
+    return mesh, spec
