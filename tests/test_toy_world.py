@@ -465,3 +465,19 @@ def test_config_fields_added_later_keep_recorded_values():
 
     assert with_added_config_fields({"data": {"n_train": 1}})["data"] == {"n_train": 1, "pattern_phase": "free"}
     assert with_added_config_fields({"data": {"pattern_phase": "grid"}})["data"]["pattern_phase"] == "grid"
+
+
+def test_assets_folder_can_be_pointed_at_a_trained_world(tmp_path, monkeypatch):
+    """VAREJAX_TOY_ASSETS points the toy jobs at another world's models (a run's WORKDIR/models); a missing
+    folder is refused with its name; installing still targets the package's own folder."""
+    from varejax.toy import assets
+
+    shipped = assets.asset_dir()
+    (tmp_path / "world.json").write_text(json.dumps({"world_version": 99}))
+    monkeypatch.setenv(assets.ASSETS_ENV, str(tmp_path))
+    assert assets.asset_dir() == tmp_path.resolve()
+    assert assets.toy_world_info()["world_version"] == 99
+    assert assets.package_asset_dir() == shipped
+    monkeypatch.setenv(assets.ASSETS_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        assets.asset_dir()

@@ -13,6 +13,7 @@ times, the config used).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,25 @@ from varejax.toy.spec import TOY_MIN_VOCAB, TOY_SCHEDULE, WORLD_FILE
 __all__ = ["TOY_MIN_VOCAB", "TOY_SCHEDULE", "asset_dir", "load_toy_oracle", "load_toy_pipeline", "toy_world_info"]
 
 
+ASSETS_ENV = "VAREJAX_TOY_ASSETS"
+
+
 def asset_dir() -> Path:
-    """The folder of the shipped toy models (inside the installed package)."""
+    """The folder of the shipped toy models (inside the installed package), or the folder the
+    VAREJAX_TOY_ASSETS environment variable names: a `varejax toy train` run's WORKDIR/models, to run the
+    toy jobs on a world before installing it."""
+    override = os.environ.get(ASSETS_ENV)
+    if override:
+        path = Path(override).expanduser().resolve()
+        if not path.is_dir():
+            raise FileNotFoundError(f"{ASSETS_ENV}={override}: no such folder (it must hold infinity/, vae/, "
+                                    f"t5/, oracle/ and world.json, as WORKDIR/models of `varejax toy train`)")
+        return path
+    return package_asset_dir()
+
+
+def package_asset_dir() -> Path:
+    """The package's own assets folder (where `varejax toy train --config.install=True` installs)."""
     return Path(__file__).resolve().parent / "assets"
 
 

@@ -309,8 +309,8 @@ def run(config, workdir: str | os.PathLike, command: str | None = None) -> dict[
     write_text_atomic(models / WORLD_FILE, json.dumps(summary, indent=1) + "\n")
     log(f"done in {times['total']:.0f}s: {json.dumps(summary['seconds'])}")
     if config.install:
-        from varejax.toy.assets import asset_dir
+        from varejax.toy.assets import package_asset_dir
 
-        install(models, as_path(asset_dir()))
-        log(f"installed into {asset_dir()}")
+        install(models, as_path(package_asset_dir()))
+        log(f"installed into {package_asset_dir()}")
     return summary
