@@ -19,6 +19,7 @@ silently: re-run the command named in a block's source file, `--collect` its out
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import shutil
@@ -144,7 +145,7 @@ def attacks_block() -> str:
             + f"Command: {_command(data)}. " + _source("benchmarks/results/toy_circle.json") + " (`attacks`)")
 
 
-CONFIG_RUNS = (("toy_circle", "`toy_circle.py` (object; anchor star)"),
+CONFIG_RUNS = (("toy_circle", "`toy_circle.py` (object; anchor cross)"),
                ("toy_circle_ci", "`toy_circle.py:ci` (reduced, what CI runs)"),
                ("toy_striped", "`toy_striped.py` (style; anchor plain)"),
                ("toy_multi", "`toy_multi.py` (circle + striped, pairs pooled)"))
@@ -168,23 +169,18 @@ def configs_block() -> str:
 
 
 def ablation_block() -> str:
+    """The ablation table (mean +- std over seeds, each variant at its searched learning rate)."""
+    spec = importlib.util.spec_from_file_location("toy_ablation", Path(__file__).resolve().parent / "toy_ablation.py")
+    toy_ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy_ablation)
     data = result("toy_ablation")
-    rows = []
-    for name, m in data["variants"].items():
-        seen = m.get("erasure_rate_seen_after", m.get("erasure_rate_seen_before"))
-        para = m.get("erasure_rate_paraphrase_after", m.get("erasure_rate_paraphrase_before"))
-        pres = m.get("preservation_after", m.get("preservation_before"))
-        fid = m.get("toy_fid")
-        rows.append([name, _f3(seen), _f3(para), _f3(pres), "" if fid is None else f"{fid:.1f}"])
-        if m.get("attacks"):  # the strongest attack (max over attacks), mean over concepts; "no erasure": original
-            when = "asr_before" if name == "no erasure" else "asr_after"
-            strongest = [max(a[when] for a in entry["attacks"].values()) for entry in m["attacks"].values()]
-            rows[-1].append(_f3(sum(strongest) / len(strongest)))
-    header = ["variant", "erasure rate (seen)", "erasure rate (paraphrase)", "preservation", "toy FID"]
-    if any(m.get("attacks") for m in data["variants"].values()):
-        header.append("ASR (strongest attack)")
+    header, rows = toy_ablation.table_rows(data)
+    tries = ", ".join(f"{lr:g}" for lr in data["learning_rates"])
     return (_table(header, rows)
-            + "\n\n" + f"{data['steps']} steps each, wall time {data['wall_time_s']:.0f} s. "
+            + "\n\n" + f"Mean +- standard deviation over {data['seeds']} seeds (erasure training, VARE trajectories "
+            + f"and evaluation prompts all change with the seed); {data['steps']} steps each; learning rate per "
+            + f"variant chosen from {tries} on seed {data['tune_seed']} by {data['selection']}; the \"no erasure\" "
+            + f"row's toy FID is the noise floor. Wall time {data['wall_time_s']:.0f} s. "
             + f"Command: {_command(data)}. " + _source("benchmarks/results/toy_ablation.json"))
 
 

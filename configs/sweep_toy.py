@@ -14,7 +14,7 @@ import ml_collections
 
 from varejax.toy.job import toy_config
 
-CONCEPTS = ({"name": "circle", "toy.concepts": ("circle",), "toy.anchors": ("star",)},
+CONCEPTS = ({"name": "circle", "toy.concepts": ("circle",), "toy.anchors": ("",)},
             {"name": "striped", "toy.concepts": ("striped",), "toy.anchors": ("plain",)})
 METHODS = ({"name": "svare", "train.erase_loss": "fce", "train.mode": "alternating"},
            {"name": "esd", "train.erase_loss": "esd", "train.mode": "erase_only"},
@@ -25,7 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     size = arg or "full"
     config = ml_collections.ConfigDict()
     # The erase config every run starts from (its fields: `varejax config show --config configs/toy_circle.py`).
-    config.base = toy_config(("circle",), anchors=("star",), size=size)
+    config.base = toy_config(("circle",), size=size)
     config.base.train.checkpoint_every = 25
     # Axes of (field, values) or (name, dicts of fields): the runs are their product.
     config.grid = (("concept", CONCEPTS), ("method", METHODS), ("train.learning_rate", (3e-4, 1e-3)),

@@ -3,8 +3,8 @@
     varejax erase --config configs/toy_circle.py --workdir runs/toy
     varejax erase --config configs/toy_circle.py:ci --workdir runs/toy_ci     # reduced (tests)
 
-Pairs "... circle ..." -> "... star ..." from the world's seen prompts (why star: see
-`varejax.toy.job.main_job_config`); evaluated on seen prompts and unseen paraphrases ("disk", "round
+Pairs "... circle ..." -> "... cross ..." (the world's default anchor; why cross: see
+`varejax.toy.world.default_anchor`); evaluated on seen prompts and unseen paraphrases ("disk", "round
 form", ...). Writes results.json, report.md and figures/.
 """
 

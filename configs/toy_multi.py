@@ -13,6 +13,6 @@ from varejax.toy.job import toy_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = toy_config(("circle", "striped"), anchors=("star", "plain"), size=arg or "full")
+    config = toy_config(("circle", "striped"), size=arg or "full")
     config.train.steps = config.train.steps * 3 // 2
     return config.lock()

@@ -1,6 +1,6 @@
 """Training of the toy world's models (`varejax toy train`): oracle, BSQ-VAE tokenizer, T5 + Infinity.
 
-    varejax toy train --workdir runs/toy                          # ~40 min on 2 CPU cores
+    varejax toy train --workdir runs/toy                          # ~2 h 10 min on 2 CPU cores
     varejax toy train --workdir runs/toy --config.install=True    # and replace varejax/toy/assets/
     varejax toy train --workdir /tmp/t --config configs/toy_train.py:smoke   # tiny models, seconds
     varejax toy eval --workdir runs/toy_eval [--models runs/toy/models]     # only the evaluation (config.eval)
@@ -31,10 +31,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                     # bits, which the decoder refinement does not change)
 
     config.data = ml_collections.ConfigDict()
-    config.data.n_train = 64 if smoke else 12000   # oracle and tokenizer
-    config.data.n_latent = 64 if smoke else 8000    # the first n_latent of them train T5 + Infinity
+    config.data.n_train = 64 if smoke else 32000   # oracle and tokenizer
+    config.data.n_latent = 64 if smoke else 32000   # the first n_latent of them train T5 + Infinity
     config.data.n_heldout = 32 if smoke else 1000
-    config.data.pattern_phase = "free"  # "grid": dots and stripes aligned to the last scale's tokens (world.py)
+    config.data.pattern_phase = "grid"  # dots and stripes aligned to the last scale's tokens ("free": any phase)
     config.data.eval_batch = 16 if smoke else 128   # batch of the tokenizer/oracle passes over data sets
 
     config.oracle = ml_collections.ConfigDict()
@@ -58,13 +58,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.oracle.adapt_learning_rate = 1e-3
 
     config.vae = ml_collections.ConfigDict()
-    config.vae.codebook_dim = 16
+    config.vae.codebook_dim = 16 if smoke else 32  # bits per latent: 16 lost the shape of 1 round trip in 11
     config.vae.patch_size = 8
     config.vae.base_ch = 24 if smoke else 48   # 48: GroupNorm keeps 2 channels per group (24 groups)
     config.vae.ch_mult = (1, 1, 1)
     config.vae.num_res_blocks = 1
     config.vae.pixel_unshuffle = 2  # f > 1: f x f pixels packed into channels, convolutions at 1/f resolution
-    config.vae.steps = 2 if smoke else 1200
+    config.vae.steps = 2 if smoke else 3000
     config.vae.batch_size = 4 if smoke else 8
     config.vae.learning_rate = 2e-3
     config.vae.warmup = 30
@@ -82,7 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.t2i.steps = 2 if smoke else 6000
     config.t2i.batch_size = 4 if smoke else 32
     config.t2i.learning_rate = 1e-3
-    config.t2i.restarts = ()        # warm restarts after the first cycle (steps each)
+    config.t2i.restarts = () if smoke else (8000, 8000)   # warm restarts after the first cycle (steps each)
     config.t2i.restart_learning_rate = 5e-4
     config.t2i.warmup = 60
     config.t2i.b2 = 0.97

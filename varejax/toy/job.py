@@ -3,7 +3,7 @@
     varejax erase --config configs/toy_circle.py --workdir runs/toy
 
 Steps: load the shipped toy models (no downloads); build (c*, c) pairs from the world's *seen* prompt
-family (e.g. "a red circle on a striped background" -> "a red square on a striped background"); run the
+family (e.g. "a red circle on a striped background" -> "a red cross on a striped background"); run the
 same S-VARE trainer as for Infinity-2B (`varejax.erase.trainer.run_erase`: VARE trajectories, L_FCE +
 L_Pre); sample fixed prompt sets with the original and the erased model (same seeds); let the oracle
 decide what each image shows; write `results.json`, `report.md` with PNG grids and a loss plot, and a
@@ -366,13 +366,8 @@ def toy_config(concepts: Sequence[str], anchors: Sequence[str] = (), size: str =
 
 
 def main_job_config(size: str = "full"):
-    """The main job (configs/toy_circle.py, and `varejax erase` without --config): erase "circle".
-
-    The anchor is "star", not the world's default "square": the erasure rate can only rise as far as the
-    anchor's images leave the concept behind, and the shipped base model's squares are soft-cornered
-    (the oracle reads 28 of 32 as circles at cfg 4, hearts 15 of 32) while its stars are read as circles
-    3 times in 32.
-    """
-    config = toy_config(("circle",), anchors=("star",), size=size)
+    """The main job (configs/toy_circle.py, and `varejax erase` without --config): erase "circle" towards
+    the world's default anchor (`world.default_anchor`: cross)."""
+    config = toy_config(("circle",), size=size)
     config.attacks.enabled = size == "full"  # ASR of the attacks before/after (varejax.eval.attacks)
     return config

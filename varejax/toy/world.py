@@ -453,10 +453,16 @@ def parse_concept(concept: str | tuple[str, int]) -> tuple[str, enum.IntEnum]:
 
 
 def default_anchor(concept: str | tuple[str, int]) -> enum.IntEnum:
-    """The anchor value of a concept: shapes -> square (square -> circle), colours -> blue (blue -> red),
-    backgrounds -> plain (plain -> striped)."""
+    """The anchor value of a concept: shapes -> cross (cross -> square), colours -> blue (blue -> red),
+    backgrounds -> plain (plain -> striped).
+
+    Cross for shapes: the anchor is what erased prompts should draw instead, so it must be told apart from
+    the concept at a glance. At 64 px a square and a circle differ only in four corners (measured on the
+    world-v1 base model: S-VARE towards square erased circle in 0.33 / 0.14 of seen / paraphrased prompts,
+    towards cross in 0.84 / 0.91, same steps and learning rate); a cross shares the least area with any
+    other shape."""
     name, value = parse_concept(concept)
-    first, second = {"shape": (Shape.SQUARE, Shape.CIRCLE), "colour": (Colour.BLUE, Colour.RED),
+    first, second = {"shape": (Shape.CROSS, Shape.SQUARE), "colour": (Colour.BLUE, Colour.RED),
                      "background": (Background.PLAIN, Background.STRIPED)}[name]
     return second if value == first else first
 
@@ -516,7 +522,7 @@ def to_anchor(text: str, concept: str | tuple[str, int], anchor: str | int | Non
 
     Each synonym of the concept (and, for backgrounds, each noun phrase) becomes the anchor's synonym
     at the same index of the same family, and the articles are fixed: "a crimson disk with stripes
-    behind it" -> "a crimson box with stripes behind it" for circle -> square.
+    behind it" -> "a crimson plus sign with stripes behind it" for circle -> cross.
     """
     import re
 
