@@ -2,7 +2,8 @@
 
     python benchmarks/profile_step.py --config configs/vs_upstream.py
     python benchmarks/profile_step.py --config configs/vs_upstream.py --config.attention_impl=chunked
-    python benchmarks/profile_step.py --config configs/vs_upstream.py --timeline --out benchmarks/results/profile_step.json
+    python benchmarks/profile_step.py --config configs/vs_upstream.py --timeline \
+        --out benchmarks/results/profile_step.json
 
 For the sizes of `configs/vs_upstream.py`, compiles the teacher-forced forward and the gradient of the bit
 loss and prints, per program, XLA's cost analysis (GFLOP, GB accessed) and the number of transposes,
