@@ -18,7 +18,7 @@ from varejax.sweep.runner import Sweep, group_stacks, stack_key
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "sweep_toy.py")
-CIRCLE = "({'name': 'circle', 'toy.concepts': ('circle',), 'toy.anchors': ('star',)},)"
+CIRCLE = "({'name': 'circle', 'toy.concepts': ('circle',), 'toy.anchors': ('',)},)"
 # The toy sweep made small: 4 pairs, 4 steps, 4 prompts per evaluation set.
 SMALL = ["config.base.train.steps=4", "config.base.train.checkpoint_every=2", "config.base.toy.pairs_per_concept=4",
          "config.base.prepare.batch_size=4", "config.base.eval.concept_prompts=4", "config.base.eval.other_prompts=4",
@@ -37,7 +37,7 @@ def test_the_toy_grid_expands_into_named_runs_and_stacks_by_method():
     first = runs[0]
     assert first.name == "concept=circle,method=svare,learning_rate=0.0003,seed=0"
     assert first.grid == {"concept": "circle", "method": "svare", "learning_rate": "0.0003", "seed": "0"}
-    assert first.config.toy.anchors == ("star",) and first.config.train.erase_loss == "fce"
+    assert first.config.toy.anchors == ("",) and first.config.train.erase_loss == "fce"  # "": the world's default
     esd = next(r for r in runs if r.grid["method"] == "esd" and r.grid["concept"] == "striped")
     assert esd.config.train.mode == "erase_only" and esd.config.toy.concepts == ("striped",)
     assert esd.config.toy.anchors == ("plain",) and config.base.train.erase_loss == "fce"  # base untouched
@@ -186,10 +186,10 @@ def test_the_infinity_sweep_config_runs_on_the_tiny_converted_model(tiny_model_d
 @pytest.mark.slow
 def test_two_processes_sweep_like_one(stacked, tmp_path):
     """The same sweep under `launch/local.sh 2` (mesh (2, 1, 1): the stack's run axis split over the two
-    processes, one run each) gives the one-process table: the same erasure rates, preservation, prompt
-    following and toy-FID noise floor (the base model's images are sampled before any training, as in the
-    toy job), deltas equal up to float32 rounding (the erased models' toy FID moves with them), and the rows
-    written once, by process 0."""
+    processes, one run each) gives the one-process table: the same erasure rates, preservation and prompt
+    following, the toy-FID noise floor to float32 rounding (the base model's images are sampled before any
+    training, as in the toy job), deltas equal up to float32 rounding (the erased models' toy FID moves with
+    them), and the rows written once, by process 0."""
     import shlex
     import subprocess
     import sys
@@ -212,8 +212,13 @@ def test_two_processes_sweep_like_one(stacked, tmp_path):
     assert two.keys() == one.keys()
     for name, row in one.items():
         for key in ("erasure_rate_seen_before", "erasure_rate_seen_after", "erasure_rate_paraphrase_after",
-                    "preservation_before", "preservation_after", "prompt_following", "toy_fid_noise_floor"):
+                    "preservation_before", "preservation_after", "prompt_following"):
             assert two[name]["metrics"][key] == row["metrics"][key], (name, key)
+        # The noise floor is a Frechet distance of 4 samples in the oracle's 128 feature dimensions: the oracle
+        # is compiled for another device count here (1 device per process against 8 test devices), and float32
+        # rounding of its features comes out amplified (measured 1.4e-6 relative).
+        floor_one, floor_two = row["metrics"]["toy_fid_noise_floor"], two[name]["metrics"]["toy_fid_noise_floor"]
+        assert abs(floor_two - floor_one) <= 1e-5 * floor_one, (name, floor_one, floor_two)
         a, b = _deltas(reference, name), _deltas(tmp_path, name)
         largest = max(float(np.abs(v).max()) for v in a.values())
         diff = max(float(np.abs(a[k] - b[k]).max()) for k in a)
