@@ -458,9 +458,10 @@ def default_anchor(concept: str | tuple[str, int]) -> enum.IntEnum:
 
     Cross for shapes: the anchor is what erased prompts should draw instead, so it must be told apart from
     the concept at a glance. At 64 px a square and a circle differ only in four corners (measured on the
-    world-v1 base model: S-VARE towards square erased circle in 0.33 / 0.14 of seen / paraphrased prompts,
-    towards cross in 0.84 / 0.91, same steps and learning rate); a cross shares the least area with any
-    other shape."""
+    shipped base model: S-VARE towards square erased circle in 0.33 / 0.14 of seen / paraphrased prompts,
+    towards cross in 0.84 / 0.91, same steps and learning rate: `varejax erase --config configs/toy_circle.py
+    "--config.toy.anchors=('square',)" --config.attacks.enabled=False`, and the same with 'cross'); a cross
+    shares the least area with any other shape."""
     name, value = parse_concept(concept)
     first, second = {"shape": (Shape.CROSS, Shape.SQUARE), "colour": (Colour.BLUE, Colour.RED),
                      "background": (Background.PLAIN, Background.STRIPED)}[name]
