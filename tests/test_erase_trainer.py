@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from varejax.configlib import load_config
 from varejax.data.pairs import PromptPair, write_pairs
 from varejax.erase import optim
 from varejax.erase.export import apply_delta, delta_tensors
+from varejax.erase.identity import RunIdentityError
 from varejax.erase.trainer import NonFiniteLossError, prepare_erase, run_erase
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,6 +139,37 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dirs, t
     assert [m["step"] for m in _metrics(tmp_path / "run")] == [1, 2]
 
 
+def test_rerun_with_other_inputs_is_refused_and_changes_nothing(finished_run, tiny_model_dirs, tmp_path):
+    """A finished workdir re-run with another base model, other pairs or another seed stops with what
+    differs (it would otherwise resume the old state), and leaves every file as it was."""
+    config, result = finished_run
+    workdir = tmp_path / "run"
+    shutil.copytree(result.workdir, workdir)
+    files = sorted(p for p in workdir.rglob("*") if p.is_file())
+    stamps = [(p.read_bytes(), os.stat(p).st_mtime_ns) for p in files]
+    pairs = config.pairs[0]
+    five_pairs = _pairs_file(tmp_path, n=5)
+    cases = [
+        ({"model.infinity": str(result.workdir / "model")},  # the erased model as the base
+         r"trajectories of another run.*\n  base model: \d+ of \d+ parameter arrays hold other values"),
+        ({"pairs_file": five_pairs}, r"trajectories of another run(.|\n)*pair_count: 4 saved, 5 now"),
+        ({"seed": 1}, r"checkpoints of another run(.|\n)*seed: 0 saved, 1 now"),
+    ]
+    for change, message in cases:
+        other = load_config(CONFIG, _overrides(tiny_model_dirs, change.pop("pairs_file", pairs), **change))
+        with pytest.raises(RunIdentityError, match=message):
+            run_erase(other, workdir)
+    assert sorted(p for p in workdir.rglob("*") if p.is_file()) == files
+    assert [(p.read_bytes(), os.stat(p).st_mtime_ns) for p in files] == stamps
+    # The same run again resumes (its last checkpoint is the last step: nothing to train) and exports.
+    again = run_erase(load_config(CONFIG, _overrides(tiny_model_dirs, pairs, **{
+        "validation.prompts": ("a red car",), "validation.every": 4})), workdir)
+    assert [m["step"] for m in _metrics(workdir)] == list(range(1, 9))
+    from varejax.models.apply import flat_params
+    for path, value in flat_params(again.params).items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(flat_params(result.params)[path]), str(path))
+
+
 def _cli_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith("JAX_")}
     env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=os.environ.get("VAREJAX_JAX_CACHE",
@@ -217,8 +250,8 @@ def test_more_processes_than_pairs_prepare_and_two_processes_erase_like_one(tiny
         "mesh.shape": (3, 1, 1), "prepare.batch_size": 3, "train.batch_size": 3}))
     assert out.returncode == 0, out.stdout[-6000:]
     written = sorted(p.name for p in (tmp_path / "three" / "trajectories").iterdir())
-    assert written == ["000000.npz", "000001.npz"], written  # no temporary or padding files
-    for name in written:
+    assert written == ["000000.npz", "000001.npz", "identity.json"], written  # no temporary or padding files
+    for name in written[:2]:
         with np.load(reference / "trajectories" / name) as a, np.load(tmp_path / "three" / "trajectories" / name) as b:
             np.testing.assert_array_equal(a["gt_bits"], b["gt_bits"])
             diff = float(np.abs(a["x_BLC_wo_prefix"] - b["x_BLC_wo_prefix"]).max())
@@ -226,9 +259,13 @@ def test_more_processes_than_pairs_prepare_and_two_processes_erase_like_one(tiny
             measured.check("multihost/tiny_prepare_3proc_x_max_abs", diff, 1e-5,
                            "trajectory features, 3 processes (batch 3, one padded) vs 1 process (batch 2)")
 
+    # The one-process trajectories, copied: the two-process run checks their identity (the base model's
+    # fingerprint, reduced over another sharding, within its tolerance) and samples nothing.
+    shutil.copytree(reference / "trajectories", tmp_path / "two" / "trajectories")
     out = _launch(2, tmp_path / "two", "", _cli_overrides(tiny_model_dirs, pairs, **{
         "mesh.shape": (2, 1, 1), "train.checkpoint_every": 6}))  # checkpoints do not change the numbers
     assert out.returncode == 0, out.stdout[-6000:]
+    assert "anchor trajectories" not in out.stdout, "the copied trajectories were sampled again"
     a, b = load_file(str(reference / "delta.safetensors")), load_file(str(tmp_path / "two" / "delta.safetensors"))
     assert a.keys() == b.keys()
     largest = max(float(np.abs(v).max()) for v in a.values())

@@ -10,6 +10,9 @@ In code: `run_erase(config, workdir)` = `setup_erase` (mesh, models, pairs) -> `
 Workdir layout:
 
     trajectories/NNNNNN.npz   VARE anchor trajectories (prepare phase, resumable)
+    trajectories/identity.json, checkpoints/identity.json
+                              what they were made from (base model fingerprint, pairs, settings): a
+                              re-run with other inputs is refused instead of resumed (erase.identity)
     text_cache/               T5 features of every prompt (sweeps reuse it)
     checkpoints/              orbax: trainable params + optimiser state every `checkpoint_every` steps,
                               stored by name (see varejax.erase.checkpoints)
@@ -33,8 +36,10 @@ Options beyond the official recipe:
 
 Determinism: batch k and the PRNG key of step k are functions of (seed, k) only, so a run killed at any
 point and restarted with the same workdir resumes from its last complete checkpoint and ends with the
-same parameters as an uninterrupted run. A non-finite loss stops the run; the last good checkpoint is
-kept.
+same parameters as an uninterrupted run, provided it is the same run: a re-run whose base model, pairs,
+trajectory settings, trainable set, mode, seed or batch differ from what the workdir's state was made
+from stops with what differs (RunIdentityError). A non-finite loss stops the run; the last good
+checkpoint is kept.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ import numpy as np
 from etils.epath import Path
 
 from varejax.data.pairs import PromptPair, pool_pairs, read_pairs
-from varejax.erase import optim
+from varejax.erase import identity, optim
 from varejax.erase.checkpoints import Checkpoints
 from varejax.erase.data import TrajectoryBatches, prefetched, text_length
 from varejax.erase.losses import ERASE_LOSSES
@@ -206,6 +211,15 @@ class ErasureSetup:
     schedule: schedules.Schedule
     pairs: list[PromptPair]
     preloaded: bool
+    fingerprint: dict[str, list[float]] | None = None  # of `params` before training (see erase.identity)
+
+    def model_fingerprint(self) -> dict[str, list[float]]:
+        """`identity.params_fingerprint` of the parameters before training (computed once)."""
+        if self.fingerprint is None:
+            if self.params is None:
+                raise RuntimeError("the parameters were donated to training before they were fingerprinted")
+            self.fingerprint = identity.params_fingerprint(self.params)
+        return self.fingerprint
 
 
 def checked_mesh(config: Any):
@@ -261,15 +275,39 @@ def trajectory_dir(config: Any, workdir: Path) -> Path:
     return as_path(config.prepare.trajectory_dir) if config.prepare.get("trajectory_dir") else workdir / "trajectories"
 
 
+def trajectory_identity(config: Any, run: ErasureSetup) -> dict[str, Any]:
+    """What the trajectories are sampled from: the base model, the pairs, the schedule, the sampling settings
+    (the batch they were sampled in changes nothing)."""
+    sampling = dataclasses.asdict(trajectory_config(config))
+    sampling.pop("batch_size")
+    return {"model": run.model_fingerprint(), "pairs": identity.digest([p.to_dict() for p in run.pairs]),
+            "pair_count": len(run.pairs), "schedule": [list(map(int, s)) for s in run.schedule],
+            "sampling": sampling}
+
+
 def prepare(config: Any, run: ErasureSetup) -> list[Path]:
-    """Samples the VARE anchor trajectories this process owns (skipping finished files); returns all paths."""
+    """Samples the VARE anchor trajectories this process owns (skipping finished files); returns all paths.
+
+    Raises:
+      RunIdentityError: the trajectories folder holds trajectories of another model, pairs or settings.
+    """
     from varejax.parallel import sharding_context
     from varejax.parallel.distributed import is_main_process
 
+    out_dir = trajectory_dir(config, run.workdir)
+    has_files = out_dir.exists() and any(p.name.endswith(".npz") for p in out_dir.iterdir())
+    identity.check_or_record(out_dir, trajectory_identity(config, run), "trajectories", has_state=has_files)
     with sharding_context(run.mesh, run.rules):
         return prepare_trajectories(run.pairs, params=run.params, cfg=run.cfg, encode_text=run.encode_text,
-                                    schedule=run.schedule, tcfg=trajectory_config(config),
-                                    out_dir=trajectory_dir(config, run.workdir), progress=is_main_process())
+                                    schedule=run.schedule, tcfg=trajectory_config(config), out_dir=out_dir,
+                                    progress=is_main_process())
+
+
+def checkpoint_identity(config: Any, run: ErasureSetup, scfg: SvareConfig) -> dict[str, Any]:
+    """What a run's checkpoints continue: its trajectories, trainable set, update mode and seed (learning
+    rate, weight decay and clipping may change on a resume: see `_resume`)."""
+    return {**trajectory_identity(config, run), "trainable": scfg.optim.trainable, "mode": str(config.train.mode),
+            "seed": int(config.seed), "batch_size": int(config.train.batch_size)}
 
 
 def prepare_erase(config: Any, workdir: str | os.PathLike, *, models: Any = None,
@@ -307,6 +345,7 @@ def train(config: Any, run: ErasureSetup, files: list[Path], scfg: SvareConfig) 
 
     Raises:
       NonFiniteLossError: a loss became NaN or inf (the last good checkpoint is kept).
+      RunIdentityError: the workdir's checkpoints continue another model, pairs or training set-up.
     """
     from tqdm import tqdm
 
@@ -319,13 +358,19 @@ def train(config: Any, run: ErasureSetup, files: list[Path], scfg: SvareConfig) 
     global_batch = int(config.train.batch_size)  # global: each process loads its rows of it
     rows = _batch_rows(global_batch, run.mesh, run.rules)
     batches = TrajectoryBatches(files, global_batch, int(config.seed), text_length(files), rows)
+    checkpoints = Checkpoints(run.workdir / "checkpoints")
+    try:
+        identity.check_or_record(checkpoints.directory, checkpoint_identity(config, run, scfg), "checkpoints",
+                                 has_state=checkpoints.latest_step() is not None)
+    except identity.RunIdentityError:
+        checkpoints.close()
+        raise
     if run.preloaded:  # the step donates its inputs: keep the caller's parameters valid
         params = jax.tree.map(lambda x: x.copy(), run.params)
     else:
         params, run.params = run.params, None
     with sharding_context(run.mesh, run.rules):
         opt_state = optim.init_opt_state_sharded(params, scfg.optim)
-    checkpoints = Checkpoints(run.workdir / "checkpoints")
     metrics_log = MetricsLog(run.workdir, enabled=is_main_process())
     total = int(config.train.steps)
     base_key = jax.random.key(int(config.seed))

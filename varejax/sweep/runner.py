@@ -8,6 +8,7 @@ Workdir layout:
     shared/pairs/KEY/           toy world: the erasure pairs of a concept set, written once
     shared/trajectories/KEY/    VARE trajectories, prepared once per (pairs, prepare settings, model)
     shared/text_cache/          text features of every prompt (one encoder for the whole sweep)
+    shared/identity.json        the base model's fingerprint (varejax.erase.identity)
     stacks/ID/checkpoints/      orbax: the stacked trainable parameters and optimiser states of a stack
     runs/NAME/                  a normal erase workdir: model/, delta.safetensors, metrics.jsonl,
                                 results.json (written last: a run with results.json is finished)
@@ -23,7 +24,9 @@ axis, one vmapped step); other differences (mode, erase loss, trainable set, ste
 stack. `stack_size = 1` trains the runs one after another with the ordinary trainer.
 
 Restarts: a finished run (results.json present) is never redone; a stack resumes from its last
-checkpoint; grid points added to the config run on the next start, alone or in new stacks.
+checkpoint; grid points added to the config run on the next start, alone or in new stacks. A start
+with another base model than the finished runs' is refused (RunIdentityError), as is resuming a stack
+or reusing trajectories made from other inputs (each folder keeps an identity.json).
 Multi-host: every process runs the same loop (same stacks, same steps); process 0 writes the files.
 """
 
@@ -126,6 +129,15 @@ class Sweep:
             done = np.asarray(multihost_utils.broadcast_one_to_all(done))
         return {r.name for r, d in zip(self.runs, done, strict=True) if d}
 
+    def _check_base_model(self, has_results: bool) -> None:
+        """Refuses (RunIdentityError) to add runs to finished ones of another base model: a sweep's table
+        compares runs of one model. The base's fingerprint is kept in WORKDIR/shared/identity.json."""
+        from varejax.erase import identity
+
+        fingerprint = identity.params_fingerprint(self.models()[1])
+        identity.check_or_record(self.workdir / "shared", {"model": fingerprint}, "finished runs' results",
+                                 has_state=has_results)
+
     # ---- shared models, pairs, trajectories -----------------------------------------------------------
 
     def models(self):
@@ -172,6 +184,7 @@ class Sweep:
 
         start = time.time()
         done = self.finished()
+        self._check_base_model(has_results=bool(done))
         todo = [r for r in self.runs if r.name not in done]
         stack_size = int(self.config.stack_size)
         stacks = group_stacks(todo, stack_size)

@@ -27,6 +27,19 @@ def _place(tree: Any, specs: Any, mesh) -> Any:
     return jax.tree.map(one, tree, specs, is_leaf=lambda s: isinstance(s, PartitionSpec))
 
 
+def stack_identity(configs: Sequence[Any], setups: Sequence[Any]) -> dict[str, Any]:
+    """What a stack's checkpoints continue: the shared base model and each run's `checkpoint_identity`
+    (its pairs, trajectory settings, trainable set, mode, seed, batch) under its name."""
+    from varejax.erase.trainer import checkpoint_identity, svare_config
+
+    runs = []
+    for config, setup in zip(configs, setups, strict=True):
+        run = checkpoint_identity(config, setup, svare_config(config))
+        run.pop("model")  # shared: compared once, with the fingerprint's tolerance
+        runs.append({"run": setup.workdir.name, **run})
+    return {"model": setups[0].model_fingerprint(), "runs": runs}
+
+
 def train_stack(configs: Sequence[Any], setups: Sequence[Any], files: Sequence[Sequence[Any]],
                 checkpoint_dir: Any) -> list[Any]:
     """Trains the runs of one stack together; returns each run's final full parameters.
@@ -36,10 +49,13 @@ def train_stack(configs: Sequence[Any], setups: Sequence[Any], files: Sequence[S
       setups: each run's `ErasureSetup` (the same preloaded base model, mesh and rules).
       files: each run's trajectory files.
       checkpoint_dir: where the stacked state is checkpointed.
+
+    Raises:
+      RunIdentityError: the stack's checkpoints continue another base model or other runs.
     """
     from tqdm import tqdm
 
-    from varejax.erase import optim
+    from varejax.erase import identity, optim
     from varejax.erase.checkpoints import Checkpoints
     from varejax.erase.data import TrajectoryBatches, text_length
     from varejax.erase.trainer import UPDATES, MetricsLog, check_finite, svare_config
@@ -68,6 +84,8 @@ def train_stack(configs: Sequence[Any], setups: Sequence[Any], files: Sequence[S
     start = 0
     try:
         latest = checkpoints.latest_step()
+        identity.check_or_record(checkpoints.directory, stack_identity(configs, setups), "stacked checkpoints",
+                                 has_state=latest is not None)
         if latest is not None:
             state = checkpoints.restore(latest, {"params": train_state, "opt_state": opt_state})
             train_state, opt_state, start = state["params"], state["opt_state"], latest
