@@ -237,6 +237,33 @@ def sweep_toy_block() -> str:
             + _source("benchmarks/results/sweep_toy.json"))
 
 
+def sweep_toy_main_block() -> str:
+    """The main job's settings searched (configs/sweep_toy_main.py): one row per run, each issue-15 target
+    marked met or not."""
+    data = result("sweep_toy_main")
+    rows = []
+    for row in data["rows"]:
+        m, grid = row["metrics"], row["grid"]
+        drop = m["preservation_before"] - m["preservation_after"]
+        ratio = m["toy_fid"] / m["toy_fid_noise_floor"]
+        met = [m["erasure_rate_seen_after"] >= 0.95, m["erasure_rate_paraphrase_after"] >= 0.9, drop <= 0.02,
+               ratio <= 2.0]
+        rows.append([grid["learning_rate"], grid["reg_lambda"], grid["alpha"],
+                     _f3(m["erasure_rate_seen_after"]), _f3(m["erasure_rate_paraphrase_after"]),
+                     f"{drop:.3f}", f"{ratio:.2f}x", f"{sum(met)} of 4"])
+    header = ["lr", "reg_lambda", "alpha", "erasure (seen)", "erasure (paraphrase)", "preservation drop",
+              "toy FID / noise floor", "targets met"]
+    first = data["rows"][0]["metrics"]
+    return (_table(header, rows) + "\n\n"
+            + f"Before erasure: erasure {first['erasure_rate_seen_before']:.3f} (seen), "
+            + f"{first['erasure_rate_paraphrase_before']:.3f} (paraphrase), preservation "
+            + f"{first['preservation_before']:.3f}; noise floor {first['toy_fid_noise_floor']:.1f}. Targets: erasure "
+            + ">= 0.95 (seen) and >= 0.9 (paraphrase), preservation drop <= 0.02, toy FID <= 2x its floor. "
+            + f"{data['finished']} runs, {data['rows'][0]['steps']} steps each, one stack, "
+            + f"wall time {data['wall_time_s'] / 60:.1f} min. "
+            + f"Command: `{data['command']}`. " + _source("benchmarks/results/sweep_toy_main.json"))
+
+
 # Parity checks shown in the visible table (every other check is in the collapsed one below it).
 PARITY_HEADLINE = (
     "infinity_tiny/fp32__logits_BLV", "infinity_tiny/real__fp32__logits_BLV", "infinity_tiny/activation/head_nm",
@@ -379,6 +406,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "toy_ablation": ablation_block,
     "sweep": sweep_block,
     "sweep_toy": sweep_toy_block,
+    "sweep_toy_main": sweep_toy_main_block,
 }
 
 
