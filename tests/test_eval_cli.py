@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -54,7 +55,7 @@ def _mtimes(workdir):
                                                                                         "toy_oracle.npz"]}
 
 
-def test_eval_writes_results_and_report_and_resumes(evaluated):
+def test_eval_writes_results_and_report_and_resumes(evaluated, capsys):
     workdir, csv, _ = evaluated
     results = json.loads((workdir / "results.json").read_text())
     assert results["task"] == "toy" and results["counts"] == {"images": 8, "sampled_now": 8,
@@ -84,6 +85,19 @@ def test_eval_writes_results_and_report_and_resumes(evaluated):
     assert again["counts"] == {"images": 8, "sampled_now": 0, "scored_now": {"toy_oracle": 0}}
     assert _mtimes(workdir) == before
     assert again["summary"] == results["summary"]
+
+    # Other sampling settings or another model: the kept images are not this run's; refused, nothing rewritten.
+    other_model = workdir.parent / "other_infinity"
+    shutil.copytree(results["settings"]["models"]["infinity"]["path"], other_model)
+    config_json = json.loads((other_model / "config.json").read_text())
+    (other_model / "config.json").write_text(json.dumps({**config_json, "note": "another model"}))
+    for override, message in (("--config.sampling.top_p=0.9", "was made with top_p 0.97, this run uses 0.9: use a"),
+                              (f"--config.model.infinity={other_model}", "was made with models {'infinity': ")):
+        capsys.readouterr()
+        assert _eval(workdir, csv, override) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "00000.json" in err and message in err, err
+    assert _mtimes(workdir) == before
 
     # An image lost: only it is sampled again and scored again (its old score is dropped), same summary. The
     # longest prompt's: its batch (padded with copies of it) keeps the text length, so nothing is recompiled.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,13 @@ def test_sample_command_writes_images_records_grid_and_resumes(model_dirs, tmp_p
     monkeypatch.setattr(Pipeline, "generate", lambda *a, **k: calls.append(1))
     assert main(args) == 0
     assert calls == []  # every image was already there
+    # Another guidance: the kept images are another run's; refused before sampling, nothing rewritten.
+    stamps = [os.stat(p).st_mtime_ns for p in pngs]
+    capsys.readouterr()
+    assert main(args + ["--config.sampling.guidance=(3.0,)"]) == 2 and calls == []
+    err = capsys.readouterr().err
+    assert "00000.json was made with guidance [4.0], this run uses [3.0]" in err, err
+    assert [os.stat(p).st_mtime_ns for p in pngs] == stamps
 
 
 def test_seeds_batches_greedy_and_negative_prompts(model_dirs, tmp_path):

@@ -12,7 +12,7 @@ Steps (`run_eval`):
 2. images with `varejax.sample.pipeline.run_sampling` (images/NNNNN.png + a JSON record each, batched
    over the mesh's devices; on several processes every process samples, process 0 writes). Images already
    written are kept: a resumed run samples only the missing ones, and refuses a workdir whose records were
-   made for other prompts or seeds;
+   made for other prompts, seeds, models (folder and delta hashes) or sampling settings;
 3. every scorer of `config.eval.scorers` (`varejax.eval.scorers`) on the images, in batches: per-image
    values in scores/<scorer>.npz, extended batch by batch (a resumed run scores only images not yet scored;
    a scorer whose settings changed starts over);
@@ -154,19 +154,31 @@ def _check_model_dirs(config) -> None:
             raise UserError(f"config.model.delta: {delta} not found")
 
 
-def _existing_records(workdir, plan: Sequence[tuple[str, int]]) -> list[int]:
-    """Indices of images already written; a record for another prompt or seed is a UserError."""
+def _existing_records(config, workdir, plan: Sequence[tuple[str, int]]) -> list[int]:
+    """Indices of images already written; a record for another prompt, seed, model or sampling setting is a
+    UserError (checked from the folders' hashes, before any model is loaded)."""
+    from varejax.sample.pipeline import check_image_record, record_settings, sampling_from_config
+
+    settings = record_settings(config, sampling_from_config(config.sampling), _schedule(config), model_hashes(config))
     done = []
     for i, (prompt, seed) in enumerate(plan):
         path = workdir / "images" / f"{i:05d}.json"
         if not path.exists():
             continue
-        record = json.loads(path.read_text())
-        if record.get("prompt") != prompt or int(record.get("seed", -1)) != int(seed):
-            raise UserError(f"{path} is for prompt {record.get('prompt')!r} seed {record.get('seed')}, the prompt "
-                            f"file now asks for {prompt!r} seed {seed}: use a fresh --workdir")
+        check_image_record(path, json.loads(path.read_text()), prompt, seed, settings)
         done.append(i)
     return done
+
+
+def model_hashes(config) -> dict[str, str]:
+    """What the image records name the models by (`Pipeline.hashes`, plus the applied deltas' files)."""
+    from varejax.convert.sources import sha256_file
+    from varejax.sample.pipeline import model_hash
+
+    hashes = {name: model_hash(config.model[name]) for name in ("infinity", "vae", "t5")}
+    if config.model.delta:
+        hashes["delta"] = hashlib.sha256("".join(sha256_file(p) for p in config.model.delta).encode()).hexdigest()[:16]
+    return hashes
 
 
 def load_pipeline(config, workdir):
@@ -187,11 +199,9 @@ def load_pipeline(config, workdir):
                                   **dict(config.numerics))
     if not config.model.delta:
         return pipeline
-    params, record = apply_deltas(pipeline.infinity_cfg, pipeline.infinity_params, list(config.model.delta),
+    params, _ = apply_deltas(pipeline.infinity_cfg, pipeline.infinity_params, list(config.model.delta),
                                   force=bool(config.model.force_delta), base=config.model.infinity)
-    hashes = {**pipeline.hashes, "delta": hashlib.sha256("".join(d["file_sha256"] for d in record).encode())
-              .hexdigest()[:16]}
-    return dataclasses.replace(pipeline, infinity_params=params, hashes=hashes)
+    return dataclasses.replace(pipeline, infinity_params=params, hashes=model_hashes(config))
 
 
 def apply_deltas(cfg, params, paths: list[str], *, force: bool = False, base: str = "the base"):
@@ -226,7 +236,7 @@ def sample_images(config, workdir, plan: Sequence[tuple[str, int]]) -> list[int]
     from varejax.parallel.distributed import is_main_process, sync
     from varejax.sample.pipeline import run_sampling
 
-    done = set(_existing_records(workdir, plan)) if is_main_process() else set()
+    done = set(_existing_records(config, workdir, plan)) if is_main_process() else set()
     todo = [i for i in range(len(plan)) if i not in done]
     if _broadcast_int(len(todo)) == 0:
         return []

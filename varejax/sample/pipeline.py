@@ -22,7 +22,7 @@ import numpy as np
 
 from varejax import images as image_io
 from varejax.batching import padded_batches
-from varejax.errors import ConfigError
+from varejax.errors import ConfigError, UserError
 from varejax.models import schedules
 from varejax.paths import as_path, write_text_atomic
 from varejax.sample.sampler import SamplingConfig, generate_jit
@@ -141,6 +141,30 @@ def plan_images(prompts: Sequence[str], images_per_prompt: int, seed: int) -> li
     return out
 
 
+# What an image record holds besides its index, prompt and seed: a re-run reuses an image only when all agree.
+RECORD_SETTINGS = ("negative_prompt", "guidance", "tau", "top_k", "top_p", "greedy", "h_div_w", "pn", "schedule",
+                   "models")
+
+
+def record_settings(config: Any, sampling: SamplingConfig, schedule: Sequence[Sequence[int]],
+                    hashes: dict[str, str]) -> dict[str, Any]:
+    """The RECORD_SETTINGS of the images `config` samples with these models (`Pipeline.hashes`), as stored."""
+    return {"negative_prompt": config.negative_prompt, "guidance": list(sampling.guidance), "tau": list(sampling.tau),
+            "top_k": sampling.top_k, "top_p": sampling.top_p, "greedy": sampling.greedy, "h_div_w": config.h_div_w,
+            "pn": config.pn, "schedule": [list(s) for s in schedule], "models": dict(hashes)}
+
+
+def check_image_record(path: Any, record: dict[str, Any], prompt: str, seed: int, settings: dict[str, Any]) -> None:
+    """Raises UserError when an existing image record was made for another prompt, seed, model or sampling
+    setting than this run would use (reusing the image would mix runs)."""
+    wanted = {"prompt": prompt, "seed": int(seed), **settings}
+    for field, value in wanted.items():
+        # JSON turns tuples into lists and may store floats for ints: compare as JSON does.
+        if json.loads(json.dumps(record.get(field))) != json.loads(json.dumps(value)):
+            raise UserError(f"{path} was made with {field} {record.get(field)!r}, this run uses {value!r}: use a "
+                            "fresh --workdir (or delete its images/ folder to sample them again)")
+
+
 def run_sampling(config: Any, workdir: str | os.PathLike, pipeline: Pipeline | None = None,
                  schedule: Sequence[tuple[int, int, int]] | None = None,
                  plan: Sequence[tuple[str, int]] | None = None) -> list[dict]:
@@ -182,7 +206,9 @@ def run_sampling(config: Any, workdir: str | os.PathLike, pipeline: Pipeline | N
     sampling.per_scale(len(schedule))  # a per-scale guidance or tau list that does not fit fails here
     if plan is None:
         plan = plan_images(list(config.prompts), config.images_per_prompt, config.seed)
+    settings = record_settings(config, sampling, schedule, pipeline.hashes)
     todo = _missing(out_dir, len(plan))
+    _check_kept_images(out_dir, plan, set(todo), settings)
     writer = jax.process_index() == 0  # multi-host: every process samples every batch, process 0 writes
     batch = max(1, int(config.batch_size))
     # Full batches (the last one padded by repetition) so the sampler compiles once.
@@ -196,10 +222,7 @@ def run_sampling(config: Any, workdir: str | os.PathLike, pipeline: Pipeline | N
             if not writer:
                 continue
             prompt, seed = plan[i]
-            record = {"index": i, "prompt": prompt, "seed": seed, "negative_prompt": config.negative_prompt,
-                      "guidance": list(sampling.guidance), "tau": list(sampling.tau), "top_k": sampling.top_k,
-                      "top_p": sampling.top_p, "greedy": sampling.greedy, "h_div_w": config.h_div_w,
-                      "pn": config.pn, "schedule": [list(s) for s in schedule], "models": pipeline.hashes}
+            record = {"index": i, "prompt": prompt, "seed": seed, **settings}
             image_io.save_image(out_dir / f"{i:05d}.png", image)
             # The record last: it marks the image done.
             write_text_atomic(out_dir / f"{i:05d}.json", json.dumps(record, indent=1) + "\n")
@@ -211,6 +234,27 @@ def run_sampling(config: Any, workdir: str | os.PathLike, pipeline: Pipeline | N
         all_images = np.stack([image_io.load_uint8(out_dir / f"{i:05d}.png") for i in range(len(plan))])
         image_io.save_image(workdir / "grid.png", image_grid(all_images))
     return records
+
+
+def _check_kept_images(out_dir: Any, plan: Sequence[tuple[str, int]], missing: set[int],
+                       settings: dict[str, Any]) -> None:
+    """Images already written are kept only if they are this run's (`check_image_record`); process 0 reads
+    the records and every process raises with it (none is left waiting in a collective)."""
+    problem = ""
+    if jax.process_index() == 0:
+        try:
+            for i in (i for i in range(len(plan)) if i not in missing):
+                path = out_dir / f"{i:05d}.json"
+                check_image_record(path, json.loads(path.read_text()), *plan[i], settings)
+        except UserError as err:
+            problem = str(err)
+    failed = bool(problem)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        failed = bool(multihost_utils.broadcast_one_to_all(np.int32(failed)))
+    if failed:
+        raise UserError(problem or f"{out_dir} holds images of another run (process 0 names them)")
 
 
 def _missing(out_dir: os.PathLike, count: int) -> list[int]:
