@@ -30,6 +30,10 @@ def test_fingerprint_ignores_summation_order_and_names_a_changed_array():
     shuffled["blocks"]["0"]["kernel"] = params["blocks"]["0"]["kernel"][::-1].T[::-1].T
     other_order = identity.params_fingerprint(shuffled)
     assert identity.fingerprint_differences(fingerprint, other_order) == []
+    # The base held in bfloat16 (bf16_params) or with LoRA factors added: the same fingerprint.
+    held = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, params)
+    held["blocks"]["0"]["lora_a"] = jnp.ones((256, 2), jnp.float32)
+    assert identity.params_fingerprint(held) == fingerprint
     # One array scaled by 1.001: reported by name.
     scaled = jax.tree.map(lambda x: x, params)
     scaled["blocks"]["0"]["bias"] = params["blocks"]["0"]["bias"] * 1.001

@@ -10,8 +10,11 @@ what differs, when they disagree.
 The base model is identified by a fingerprint of its parameters, not of its files (preloaded models,
 as in sweeps, have none): per array, the sum, the sum of absolute values and the sum of squares in
 float32, compared with a relative tolerance (`FINGERPRINT_RTOL`) because the reduction order, and so
-the rounding, depends on how the arrays are sharded. It tells models apart (any retraining or other
-checkpoint changes nearly every sum in the first digits), not single flipped weights.
+the rounding, depends on how the arrays are sharded. The values are rounded to bfloat16 first and LoRA
+factors are left out, so that the training options that change how the base is held (bf16 storage, LoRA
+adapters) keep its fingerprint: runs that differ only in those share one trajectory folder (sweeps do).
+It tells models apart (any retraining or other checkpoint changes nearly every sum in the first
+digits), not single flipped weights.
 """
 
 from __future__ import annotations
@@ -39,20 +42,22 @@ class RunIdentityError(UserError):
 @jax.jit
 def _leaf_statistics(leaves: list[Any]) -> list[Any]:
     def stats(x):
-        x = x.astype(jnp.float32)
+        x = x.astype(jnp.bfloat16).astype(jnp.float32)
         return jnp.stack([jnp.sum(x), jnp.sum(jnp.abs(x)), jnp.sum(x * x)])
 
     return [stats(x) for x in leaves]
 
 
 def params_fingerprint(params: Any) -> dict[str, list[float]]:
-    """{array name: [sum, sum |x|, sum x^2]} of every floating-point array of `params` (multi-host safe:
-    the reductions of global arrays are replicated, every process gets the same values)."""
+    """{array name: [sum, sum |x|, sum x^2]} of every floating-point array of `params` but LoRA factors, in
+    bfloat16-rounded values (multi-host safe: the reductions of global arrays are replicated, every process
+    gets the same values)."""
     from varejax.erase.checkpoints import named_leaves
     from varejax.models.lora import host_array
 
     named = {name: leaf for name, leaf in named_leaves(params).items()
-             if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)}
+             if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
+             and not {"lora_a", "lora_b"} & set(name.split("/"))}
     stats = _leaf_statistics(list(named.values()))
     return {name: [float(v) for v in host_array(s)] for name, s in zip(named, stats, strict=True)}
 
