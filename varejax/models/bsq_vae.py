@@ -219,13 +219,22 @@ class GroupNorm(nnx.Module):
         self.bias = param(None, (channels,), ("norm",), cfg.param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        # Two passes (mean, then the variance of the centred values, as torch), each reducing per channel over
+        # H and W first, channels minor, and only then per group on the small [B, C] sums: XLA:CPU reduces
+        # the [B, H, W, G, C/G] view over (1, 2, 4) up to 5x slower (2 x 128 x 128 x 64: 9.3 vs 1.7 ms).
         B, H, W, C = x.shape
-        g = x.astype(F32).reshape(B, H, W, self.groups, C // self.groups)
-        mean = jnp.mean(g, axis=(1, 2, 4), keepdims=True)
-        centred = g - mean
-        var = jnp.mean(jnp.square(centred), axis=(1, 2, 4), keepdims=True)
-        y = (centred * jax.lax.rsqrt(var + GROUP_NORM_EPS)).reshape(B, H, W, C)
-        return y * self.scale[...].astype(F32) + self.bias[...].astype(F32)
+        per_group = C // self.groups
+        count = H * W * per_group
+        x = x.astype(F32)
+
+        def group_mean(channel_sums):  # [B, C] -> the mean of each channel's group, per channel [B, 1, 1, C]
+            means = channel_sums.reshape(B, self.groups, per_group).sum(-1) / count
+            return jnp.repeat(means, per_group, axis=1)[:, None, None, :]
+
+        centred = x - group_mean(jnp.sum(x, axis=(1, 2)))
+        var = group_mean(jnp.sum(jnp.square(centred), axis=(1, 2)))
+        scale = jax.lax.rsqrt(var + GROUP_NORM_EPS) * self.scale[...].astype(F32)
+        return centred * scale + self.bias[...].astype(F32)
 
 
 class ResnetBlock(nnx.Module):
