@@ -141,14 +141,10 @@ def plan_images(prompts: Sequence[str], images_per_prompt: int, seed: int) -> li
     return out
 
 
-# What an image record holds besides its index, prompt and seed: a re-run reuses an image only when all agree.
-RECORD_SETTINGS = ("negative_prompt", "guidance", "tau", "top_k", "top_p", "greedy", "h_div_w", "pn", "schedule",
-                   "models")
-
-
 def record_settings(config: Any, sampling: SamplingConfig, schedule: Sequence[Sequence[int]],
                     hashes: dict[str, str]) -> dict[str, Any]:
-    """The RECORD_SETTINGS of the images `config` samples with these models (`Pipeline.hashes`), as stored."""
+    """What an image record holds besides its index, prompt and seed, for the images `config` samples with
+    these models (`Pipeline.hashes`): a re-run reuses a kept image only when all of it agrees."""
     return {"negative_prompt": config.negative_prompt, "guidance": list(sampling.guidance), "tau": list(sampling.tau),
             "top_k": sampling.top_k, "top_p": sampling.top_p, "greedy": sampling.greedy, "h_div_w": config.h_div_w,
             "pn": config.pn, "schedule": [list(s) for s in schedule], "models": dict(hashes)}
@@ -159,7 +155,7 @@ def check_image_record(path: Any, record: dict[str, Any], prompt: str, seed: int
     setting than this run would use (reusing the image would mix runs)."""
     wanted = {"prompt": prompt, "seed": int(seed), **settings}
     for field, value in wanted.items():
-        # JSON turns tuples into lists and may store floats for ints: compare as JSON does.
+        # Records are JSON (tuples read back as lists): compare the values as JSON holds them.
         if json.loads(json.dumps(record.get(field))) != json.loads(json.dumps(value)):
             raise UserError(f"{path} was made with {field} {record.get(field)!r}, this run uses {value!r}: use a "
                             "fresh --workdir (or delete its images/ folder to sample them again)")
