@@ -238,9 +238,10 @@ def sweep_toy_block() -> str:
 
 
 def sweep_toy_main_block() -> str:
-    """The main job's settings searched (configs/sweep_toy_main.py): one row per run, each issue-15 target
-    marked met or not."""
+    """The main job's settings searched (configs/sweep_toy_main.py): one row per run (a column per grid
+    axis), each issue-15 target marked met or not."""
     data = result("sweep_toy_main")
+    axes = list(data["rows"][0]["grid"])
     rows = []
     for row in data["rows"]:
         m, grid = row["metrics"], row["grid"]
@@ -248,18 +249,18 @@ def sweep_toy_main_block() -> str:
         ratio = m["toy_fid"] / m["toy_fid_noise_floor"]
         met = [m["erasure_rate_seen_after"] >= 0.95, m["erasure_rate_paraphrase_after"] >= 0.9, drop <= 0.02,
                ratio <= 2.0]
-        rows.append([grid["learning_rate"], grid["reg_lambda"], grid["alpha"],
-                     _f3(m["erasure_rate_seen_after"]), _f3(m["erasure_rate_paraphrase_after"]),
-                     f"{drop:.3f}", f"{ratio:.2f}x", f"{sum(met)} of 4"])
-    header = ["lr", "reg_lambda", "alpha", "erasure (seen)", "erasure (paraphrase)", "preservation drop",
-              "toy FID / noise floor", "targets met"]
+        rows.append([*(grid[a] for a in axes), _f3(m["erasure_rate_seen_after"]),
+                     _f3(m["erasure_rate_paraphrase_after"]), f"{drop:.3f}", f"{ratio:.2f}x", f"{sum(met)} of 4"])
+    header = [*axes, "erasure (seen)", "erasure (paraphrase)", "preservation drop", "toy FID / noise floor",
+              "targets met"]
     first = data["rows"][0]["metrics"]
+    stacks = len({row["stack"] for row in data["rows"]})
     return (_table(header, rows) + "\n\n"
             + f"Before erasure: erasure {first['erasure_rate_seen_before']:.3f} (seen), "
             + f"{first['erasure_rate_paraphrase_before']:.3f} (paraphrase), preservation "
             + f"{first['preservation_before']:.3f}; noise floor {first['toy_fid_noise_floor']:.1f}. Targets: erasure "
             + ">= 0.95 (seen) and >= 0.9 (paraphrase), preservation drop <= 0.02, toy FID <= 2x its floor. "
-            + f"{data['finished']} runs, {data['rows'][0]['steps']} steps each, one stack, "
+            + f"{data['finished']} runs, {data['rows'][0]['steps']} steps each, {stacks} stack{'s' * (stacks > 1)}, "
             + f"wall time {data['wall_time_s'] / 60:.1f} min. "
             + f"Command: `{data['command']}`. " + _source("benchmarks/results/sweep_toy_main.json"))
 

@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant (training, trajectories, eval)")
-    parser.add_argument("--learning_rates", default="3e-4,1e-3", help="comma-separated learning rates searched")
+    parser.add_argument("--learning_rates", default="5e-5,2e-4,1e-3", help="comma-separated learning rates searched")
     parser.add_argument("--tune_seed", type=int, default=100, help="the seed the learning-rate search runs on")
     args, overrides = parse_args(parser)
     if args.seeds < 1:
