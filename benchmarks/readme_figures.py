@@ -394,9 +394,30 @@ def profile_step_block() -> str:
             + _source("benchmarks/results/profile_step.json"))
 
 
+def matmul_peak_block() -> str:
+    """One matmul's GFLOP/s, JAX against torch, fp32 and bf16 (benchmarks/matmul_peak.py)."""
+    data = result("matmul_peak")
+    sides = ["jax"] + (["torch"] if "torch" in data else [])
+    cell = lambda c: f"{c['gflops']:.0f} ({c['min']:.0f}-{c['max']:.0f})"
+    rows = [["x".join(str(d) for d in row["shape"]),
+             *(cell(row[f"{side}_{dtype}"]) for side in sides for dtype in ("float32", "bfloat16")),
+             *(f"{row[f'{side}_bfloat16']['gflops'] / row[f'{side}_float32']['gflops']:.2f}x" for side in sides)]
+            for row in data["rows"]]
+    header = ["M x K x N", *(f"{side} {dtype}" for side in sides for dtype in ("fp32", "bf16")),
+              *(f"{side} bf16 / fp32" for side in sides)]
+    cpu = data["cpu"]
+    return (_table(header, rows) + "\n\n"
+            + f"GFLOP/s, median of {data['runs']} runs (each the median of {data['calls']} calls), min-max in "
+            + f"brackets; {cpu['model']} ({cpu['cores_seen_by_jax']} cores; AVX512-BF16 "
+            + f"{'yes' if cpu['avx512_bf16'] else 'no'}, AMX {'yes' if cpu['amx_bf16'] else 'no'}), jax {data['jax']}"
+            + (f", torch {data['torch']}" if "torch" in data else "") + f". Command: `{data['command']}`. "
+            + _source("benchmarks/results/matmul_peak.json"))
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "vs_upstream": vs_upstream_block,
     "profile_step": profile_step_block,
+    "matmul_peak": matmul_peak_block,
     "compile_time": compile_time_block,
     "parity": parity_block,
     "toy_world": world_block,
