@@ -352,14 +352,19 @@ def vs_upstream_block() -> str:
 
 
 def _rerun_line() -> str:
-    """The same command re-run later on the same machine: how far the ratios move between runs."""
+    """The same command re-run later (same machine), and once more on a later session's machine: how far the
+    ratios move between runs."""
     data = result("vs_upstream_rerun")["upstream_over_ours"]["ours_fp32"]
+    third = result("vs_upstream_rerun2")
     first = result("vs_upstream")["upstream_over_ours"]["ours_fp32"]["grad"]["median"]
-    cells = ", ".join(f"{name} {_ratio(cell)}" for name, cell in data.items())
-    return ("A re-run of the same command later on the same machine (upstream / ours fp32): " + cells
-            + f". Forward + backward: {first:.2f}x in the first run, {data['grad']['median']:.2f}x in this one; "
-            + "read each ratio with both runs. "
-            + _source("benchmarks/results/vs_upstream_rerun.json"))
+    cells = lambda d: ", ".join(f"{name} {_ratio(cell)}" for name, cell in d.items())
+    later = third["upstream_over_ours"]["ours_fp32"]
+    return ("A re-run of the same command later on the same machine (upstream / ours fp32): " + cells(data)
+            + ". On a later session's machine (2 cores, " + f"torch {third['machine']['torch']}): "
+            + cells(later) + f" (command: `{third['command']}`). Forward + backward: {first:.2f}x, "
+            + f"{data['grad']['median']:.2f}x and {later['grad']['median']:.2f}x in the three runs; read each ratio "
+            + "with all three. "
+            + _source("benchmarks/results/vs_upstream_rerun.json", "benchmarks/results/vs_upstream_rerun2.json"))
 
 
 def compile_time_block() -> str:
