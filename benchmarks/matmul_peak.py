@@ -69,6 +69,10 @@ def torch_gflops(m: int, k: int, n: int, dtype: str, calls: int) -> float:
     return _gflops(lambda: a @ b, 2.0 * m * k * n, calls)
 
 
+def _sig(value: float) -> float:
+    return float(f"{value:.4g}")
+
+
 def cpu_features() -> dict:
     model, flags = platform.processor(), set()
     try:
@@ -93,8 +97,9 @@ def measure(shapes, runs: int, calls: int, with_torch: bool) -> list[dict]:
         for side, fn in sides:
             for dtype in ("float32", "bfloat16"):
                 values = [fn(m, k, n, dtype, calls) for _ in range(runs)]
-                row[f"{side}_{dtype}"] = {"gflops": round(statistics.median(values), 1),
-                                          "min": round(min(values), 1), "max": round(max(values), 1)}
+                # 4 significant digits: a tiny shape on a loaded machine runs at well under 0.1 GFLOP/s
+                row[f"{side}_{dtype}"] = {"gflops": _sig(statistics.median(values)), "min": _sig(min(values)),
+                                          "max": _sig(max(values))}
         rows.append(row)
     return rows
 
