@@ -66,7 +66,8 @@ def profile(cfg, schedule, inputs) -> dict:
 
 
 def thunk_timeline(fn, args, calls: int = 5, top: int = 12) -> dict:
-    """{kind: {"ms": per call, "count": per call}} of the XLA thunks `fn(*args)` executes (top kinds by time),
+    """{kind: {"ms": per call, "count": per call, a fraction when not every call ran it}} of the XLA
+    thunks `fn(*args)` executes (top kinds by time),
     plus "total_ms": the sum over every thunk kind."""
     jax.block_until_ready(fn(*args))  # compiled and warm
     with tempfile.TemporaryDirectory() as trace_dir:
@@ -83,7 +84,8 @@ def thunk_timeline(fn, args, calls: int = 5, top: int = 12) -> dict:
             kind = re.sub(r"\.\d+$", "", event["name"])
             time_us[kind] += event["dur"]
             count[kind] += 1
-    kinds = {kind: {"ms": round(us / calls / 1e3, 3), "count": count[kind] // calls}
+    # count per call as a fraction: a thunk that ran once in `calls` calls (a one-off transfer) is not 0
+    kinds = {kind: {"ms": round(us / calls / 1e3, 3), "count": round(count[kind] / calls, 2)}
              for kind, us in time_us.most_common(top)}
     return {"total_ms": round(sum(time_us.values()) / calls / 1e3, 3), "kinds": kinds}
 

@@ -190,15 +190,18 @@ def test_two_processes_killed_mid_training_resume_to_the_same_parameters(tmp_pat
 
 def test_a_lost_process_stops_the_other_within_a_minute(tmp_path):
     """Two processes joined without the launcher (which would stop the survivor itself); one is SIGKILLed
-    after the start-up barrier; the other must exit non-zero within 60 s and its log name the lost task."""
+    after the start-up barrier; the other must exit non-zero within 60 s of the kill (start-up, which a
+    loaded machine stretches, is not counted) and its log name the lost task."""
     script = tmp_path / "lose_one.py"
+    killed_at = tmp_path / "killed_at"
     script.write_text(
-        "import os, signal\n"
+        "import os, signal, time\n"
         "from varejax.parallel.distributed import initialize, sync\n"
         "initialize()\n"
         "import jax\n"
         "sync('start')\n"
         "if jax.process_index() == 1:\n"
+        f"    open({str(killed_at)!r}, 'w').write(repr(time.time()))\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "sync('never')\n"
         "import time; time.sleep(300)\n")
@@ -211,15 +214,15 @@ def test_a_lost_process_stops_the_other_within_a_minute(tmp_path):
         procs.append(subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     try:
-        start = time.time()
-        log = procs[0].communicate(timeout=120)[0]
-        elapsed = time.time() - start
+        log = procs[0].communicate(timeout=180)[0]
+        elapsed = time.time() - float(killed_at.read_text()) if killed_at.exists() else float("inf")
     finally:
         for p in procs:
             p.kill()
             p.wait()
     assert procs[0].returncode != 0, log
-    assert elapsed < 60, f"the survivor took {elapsed:.0f} s"
+    assert elapsed < 60, f"the survivor took {elapsed:.0f} s after the kill" + ("" if killed_at.exists() else
+                                                                               f" (never killed): {log[-3000:]}")
     assert "Task 1" in log, log[-3000:]
 
 
