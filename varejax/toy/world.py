@@ -458,8 +458,8 @@ def default_anchor(concept: str | tuple[str, int]) -> enum.IntEnum:
 
     Cross for shapes: the anchor is what erased prompts should draw instead, so it must be told apart from
     the concept at a glance. At 64 px a square and a circle differ only in four corners (measured on the
-    shipped base model: S-VARE towards square erased circle in 0.08 / 0.12 of seen / paraphrased prompts,
-    towards cross in 0.91 / 0.88, same steps and learning rate: `varejax erase --config configs/toy_circle.py
+    shipped base model: S-VARE towards square erased circle in 0.20 / 0.11 of seen / paraphrased prompts,
+    towards cross in 0.98 / 0.94, same steps and learning rate: `varejax erase --config configs/toy_circle.py
     "--config.toy.anchors=('square',)" --config.attacks.enabled=False`, and the same with 'cross'); a cross
     shares the least area with any other shape."""
     name, value = parse_concept(concept)
