@@ -90,16 +90,27 @@ def thunk_timeline(fn, args, calls: int = 5, top: int = 12) -> dict:
     return {"total_ms": round(sum(time_us.values()) / calls / 1e3, 3), "kinds": kinds}
 
 
-def timelines(cfg, schedule, inputs, calls: int) -> dict:
-    """Measured thunk time by kind: forward, and gradient with grad_boundaries on and off (same run)."""
+def timelines(cfg, schedule, inputs, calls: int, runs: int = 3) -> dict:
+    """Measured thunk time by kind: forward, and gradient with grad_boundaries on and off (same run).
+
+    Each program is profiled `runs` times, the programs interleaved (drift on a shared machine hits them
+    alike); per program the run with the median total is kept, with every run's total in "total_ms_runs".
+    """
     params = jax.jit(lambda: apply.init_params(cfg, 0))()
     args = (params, inputs["text"], inputs["mask"], inputs["x"], inputs["bits"])
-    out = {"forward": thunk_timeline(jax.jit(lambda p, *a: apply.forward(p, *a[:3], schedule, cfg=cfg)), args,
-                                     calls)}
+    programs = {"forward": jax.jit(lambda p, *a: apply.forward(p, *a[:3], schedule, cfg=cfg))}
     for mode in ("on", "off"):
         c = cfg.replace(grad_boundaries=mode)
         loss = lambda p, *a, c=c: bit_loss.loss_fn(p, *a, schedule, cfg=c, reweight_by_scale=True)
-        out[f"gradient_boundaries_{mode}"] = thunk_timeline(jax.jit(jax.value_and_grad(loss)), args, calls)
+        programs[f"gradient_boundaries_{mode}"] = jax.jit(jax.value_and_grad(loss))
+    measured = {name: [] for name in programs}
+    for _ in range(runs):
+        for name, fn in programs.items():
+            measured[name].append(thunk_timeline(fn, args, calls))
+    out = {}
+    for name, results in measured.items():
+        ordered = sorted(results, key=lambda r: r["total_ms"])
+        out[name] = {**ordered[(len(ordered) - 1) // 2], "total_ms_runs": [r["total_ms"] for r in results]}
     return out
 
 
@@ -108,6 +119,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/vs_upstream.py")
     parser.add_argument("--timeline", action="store_true", help="also time every XLA thunk (needs a quiet machine)")
     parser.add_argument("--calls", type=int, default=5, help="profiled calls per program for --timeline")
+    parser.add_argument("--runs", type=int, default=3, help="--timeline runs per program (the median is kept)")
     parser.add_argument("--out", default="", help="also write the result (and this command) to this JSON file")
     args, config = parse_config_args(parser)
     base = get_preset(config.model_preset)
@@ -119,12 +131,14 @@ def main() -> None:
     result = {"size": config.size, "L": schedules.sequence_length(schedule), "batch": config.batch,
               "programs": {impl: profile(cfg.replace(attention_impl=impl), schedule, inputs) for impl in impls}}
     if args.timeline:
-        result["timeline"] = timelines(cfg.replace(attention_impl=config.attention_impl), schedule, inputs, args.calls)
+        result["timeline"] = timelines(cfg.replace(attention_impl=config.attention_impl), schedule, inputs, args.calls,
+                                       args.runs)
     print(json.dumps(result))
     if args.out:
         result["command"] = "python " + " ".join(sys.argv)
         result["jax"] = jax.__version__
         result["timeline_calls"] = args.calls
+        result["timeline_runs"] = args.runs
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
 

@@ -386,8 +386,10 @@ def profile_step_block() -> str:
     cost, timeline = data["programs"][next(iter(data["programs"]))], data["timeline"]
     on, off, fwd = timeline["gradient_boundaries_on"], timeline["gradient_boundaries_off"], timeline["forward"]
     kind = lambda t, k: t["kinds"].get(k, {"ms": 0.0})["ms"]
+    spread = lambda t: f"{min(t['total_ms_runs']):.0f}-{max(t['total_ms_runs']):.0f}"
     return (f"Gradient with / without the boundaries: thunk time **{on['total_ms']:.1f} / {off['total_ms']:.1f} ms** "
-            + f"per call, layout-copy fusions (`copy_bitcast_fusion`) {kind(on, 'copy_bitcast_fusion'):.1f} / "
+            + f"per call (median of {data['timeline_runs']} runs; min-max {spread(on)} / {spread(off)} ms), "
+            + f"layout-copy fusions (`copy_bitcast_fusion`) {kind(on, 'copy_bitcast_fusion'):.1f} / "
             + f"{kind(off, 'copy_bitcast_fusion'):.1f} ms, XLA's GB accessed {cost['gradient']['gb_accessed']:.2f} / "
             + f"{cost['gradient_boundaries_off']['gb_accessed']:.2f}. The gradient takes "
             + f"{on['total_ms'] / fwd['total_ms']:.1f}x the forward's thunk time ({fwd['total_ms']:.1f} ms); of its "
@@ -395,7 +397,7 @@ def profile_step_block() -> str:
             + f"{kind(on, 'ynn_fusion'):.0f} ms, Eigen dots (`dot`, the attention backward's) "
             + f"{kind(on, 'dot'):.0f} ms, the remaining layout copies {kind(on, 'copy_bitcast_fusion'):.0f} ms, and "
             + f"many small elementwise fusions the rest ({data['timeline_calls']} "
-            + f"profiled calls each, jax {data['jax']}). Command: `{data['command']}`. "
+            + f"profiled calls per run, jax {data['jax']}). Command: `{data['command']}`. "
             + _source("benchmarks/results/profile_step.json"))
 
 
